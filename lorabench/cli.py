@@ -1,0 +1,47 @@
+"""`lorabench` command line: each subcommand lives in its own module; this file only dispatches.
+
+A subcommand module defines `add_arguments(parser)` and `main(args) -> int`. Modules are imported
+only when their subcommand runs, so `lorabench --help` stays fast (torch is slow to import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lorabench.errors import LorabenchError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """A parser whose chosen subcommand (the first bare word of argv) has its arguments added."""
+    parser = argparse.ArgumentParser(
+        prog="lorabench",
+        description="Benchmark and simulate serving many LoRA adapters of one LLM.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_main=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return int(args._main(args) or 0)
+    except LorabenchError as err:
+        print(f"lorabench {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lorabench {args.command}: interrupted", file=sys.stderr)
+        return 130
