@@ -14,6 +14,9 @@ from lorabench.errors import LorabenchError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "sweep": ("lorabench.sweep", "run every strategy over a grid of adapter counts (resumable) -> DIR/sweep.csv"),
+    "plot": ("lorabench.plots", "comparison charts (PNG + SVG) of a sweep folder or of compress outputs"),
+    "report": ("lorabench.report", "a Markdown page with the table and charts of a sweep folder"),
 }
 
 

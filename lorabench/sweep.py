@@ -1,0 +1,288 @@
+"""`lorabench sweep`: one experiment per number of adapters, every strategy on the same stream.
+
+A sweep folder holds:
+
+    config.json          the base run config (without n_loras) and the grid of n_loras
+    sweep.csv            one row per (point, strategy), the columns of summary.csv
+    points/<n>/          one `run_experiment` folder per point, plus point.json (written last:
+                         the point's config and status; a folder without it is unfinished)
+
+Each point is a pure function of its config, so a point whose point.json matches the config asked
+for is skipped: an interrupted sweep resumes where it stopped. A point the simulator refuses (a
+LorabenchError, e.g. a memory budget that cannot hold the model) is recorded with the reason in the
+status column of its rows, never dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from lorabench.errors import LorabenchError
+
+DEFAULT_N_LORAS = (1, 4, 16, 64, 256, 1024, 4096)
+
+# The columns every chart and the report read; a sweep.csv without one of them is refused.
+REQUIRED_COLUMNS = (
+    "strategy", "n_loras", "status", "output_throughput", "throughput_vs_single",
+    "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
+    "memory_weights_gib", "memory_kv_gib", "memory_adapters_gib",
+    "device", "model", "workload", "executor",
+)
+
+
+# --- the grid -----------------------------------------------------------------------------------
+
+
+def parse_n_loras(text: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16] (sorted, unique); every value an integer >= 1."""
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise LorabenchError(f"--n-loras {text!r}: expected comma-separated integers, e.g. 1,4,16") from None
+    if not values or values[0] < 1:
+        raise LorabenchError(f"--n-loras {text!r}: every number of adapters must be >= 1")
+    return values
+
+
+def config_dict(config: Any) -> dict:
+    """A RunConfig as plain JSON values (tuples become lists), for storing and comparing."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def sweep_config_dict(base: Any, n_loras: list[int]) -> dict:
+    run = config_dict(base)
+    run.pop("n_loras", None)
+    return {"run": run, "n_loras": list(n_loras)}
+
+
+def check_same_sweep(out: Path, wanted: dict) -> None:
+    """Refuse to mix two different sweeps in one folder. Adding points to the grid is allowed."""
+    path = out / "config.json"
+    if not path.exists():
+        return
+    try:
+        stored = json.loads(path.read_text())["run"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise LorabenchError(f"{path}: not a sweep config ({err}); use another --out") from None
+    if stored != wanted["run"]:
+        changed = sorted(k for k in set(stored) | set(wanted["run"]) if stored.get(k) != wanted["run"].get(k))
+        details = ", ".join(f"{k}: {stored.get(k)!r} -> {wanted['run'].get(k)!r}" for k in changed)
+        raise LorabenchError(
+            f"{out} holds a sweep with a different config ({details}); "
+            "use another --out, or delete the folder to start over"
+        )
+
+
+# --- atomic writes ------------------------------------------------------------------------------
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be read by others
+    os.replace(tmp, path)
+
+
+def write_csv_atomic(path: Path, table: pd.DataFrame) -> None:
+    write_text_atomic(path, table.to_csv(index=False))
+
+
+# --- one point ----------------------------------------------------------------------------------
+
+
+def point_dir(out: Path, n: int) -> Path:
+    return out / "points" / str(n)
+
+
+def finished_point(out: Path, n: int, wanted: dict) -> bool:
+    """True when points/<n>/point.json exists and was made by the same config."""
+    path = point_dir(out, n) / "point.json"
+    try:
+        return json.loads(path.read_text())["config"] == wanted
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def failed_rows(config: Any, reason: str) -> pd.DataFrame:
+    """Rows for a point the simulator refused: one per strategy, the reason in `status`."""
+    strategies = list(dict.fromkeys(("single", *config.strategies)))
+    return pd.DataFrame(
+        {
+            "strategy": strategies,
+            "n_loras": config.n_loras,
+            "status": f"point not run: {reason}",
+            "device": config.device,
+            "model": config.model,
+            "workload": config.workload,
+            "executor": config.executor,
+        }
+    )
+
+
+def run_point(out: Path, config: Any) -> pd.DataFrame:
+    """Run one point into points/<n>/ (or record why it cannot run) and return its summary.
+
+    Only a LorabenchError (a refusal on the config's own terms) is recorded as a failed point;
+    any other exception, Ctrl-C included, propagates and leaves the point unfinished for resume.
+    """
+    from lorabench.runner import run_experiment
+
+    folder = point_dir(out, config.n_loras)
+    if folder.exists():  # an unfinished attempt (no point.json): start this point over
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        summary = run_experiment(config, out_dir=folder, progress=False)
+        status = "ok"
+    except LorabenchError as err:
+        summary = failed_rows(config, str(err))
+        status = f"point not run: {err}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        write_csv_atomic(folder / "summary.csv", summary)
+    record = {"n_loras": config.n_loras, "config": config_dict(config), "status": status}
+    write_text_atomic(folder / "point.json", json.dumps(record, indent=2) + "\n")
+    return summary
+
+
+def _run_point_in_worker(out: str, config: Any) -> tuple[int, pd.DataFrame]:
+    return config.n_loras, run_point(Path(out), config)
+
+
+# --- the sweep ----------------------------------------------------------------------------------
+
+
+def run_sweep(
+    base: Any,
+    n_loras: list[int],
+    out: Path,
+    jobs: int = 1,
+    progress: bool = True,
+    on_point: Callable[[int], None] | None = None,
+) -> pd.DataFrame:
+    """Run (or resume) the sweep of `base` over `n_loras` into `out`; return the sweep table.
+
+    `base` is a RunConfig; each point is `dataclasses.replace(base, n_loras=n)`. With `jobs` > 1
+    the points run in that many worker processes. `on_point(n)` is called after each point
+    finishes (the progress bar's hook, and the tests').
+    """
+    if jobs < 1:
+        raise LorabenchError(f"--jobs {jobs}: must be >= 1")
+    out = Path(out)
+    wanted_sweep = sweep_config_dict(base, n_loras)
+    check_same_sweep(out, wanted_sweep)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.json", json.dumps(wanted_sweep, indent=2) + "\n")
+
+    configs = {n: dataclasses.replace(base, n_loras=n) for n in n_loras}
+    todo = [n for n in n_loras if not finished_point(out, n, config_dict(configs[n]))]
+    bar = tqdm(total=len(n_loras), initial=len(n_loras) - len(todo), desc="sweep points", unit="point",
+               disable=not progress)
+    try:
+        if jobs == 1 or len(todo) <= 1:
+            for n in todo:
+                bar.set_postfix_str(f"n_loras={n}")
+                run_point(out, configs[n])
+                bar.update()
+                if on_point:
+                    on_point(n)
+        else:
+            # spawn, not fork: the parent may hold torch/OpenMP threads that do not survive a fork
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+                futures = [pool.submit(_run_point_in_worker, str(out), configs[n]) for n in todo]
+                for future in as_completed(futures):
+                    n, _ = future.result()
+                    bar.update()
+                    if on_point:
+                        on_point(n)
+    finally:
+        bar.close()
+
+    table = collect(out, n_loras)
+    write_csv_atomic(out / "sweep.csv", table)
+    return table
+
+
+def collect(out: Path, n_loras: list[int]) -> pd.DataFrame:
+    """Concatenate the points' summaries in grid order."""
+    parts = [pd.read_csv(point_dir(out, n) / "summary.csv") for n in n_loras]
+    return pd.concat(parts, ignore_index=True)
+
+
+# --- reading a sweep folder (charts and report) -------------------------------------------------
+
+
+def read_sweep(folder: str | Path) -> tuple[pd.DataFrame, dict]:
+    """(sweep table, config) of a sweep folder, with a clear error for anything that is not one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LorabenchError(f"{folder}: no such folder (expected a sweep folder from `lorabench sweep`)")
+    path = folder / "sweep.csv"
+    if not path.exists():
+        hint = " (it is a single run folder: sweep it with `lorabench sweep`)" if (folder / "summary.csv").exists() else ""
+        raise LorabenchError(f"{folder}: no sweep.csv, not a sweep folder{hint}")
+    try:
+        table = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise LorabenchError(f"{path}: empty file, no rows") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise LorabenchError(f"{path}: not a CSV table ({err})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise LorabenchError(f"{path}: missing column(s) {', '.join(missing)}")
+    if table.empty:
+        raise LorabenchError(f"{path}: no rows")
+    if not pd.api.types.is_numeric_dtype(table["n_loras"]) or table["n_loras"].isna().any():
+        raise LorabenchError(f"{path}: column n_loras must hold integers")
+    config = {}
+    if (folder / "config.json").exists():
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except ValueError as err:
+            raise LorabenchError(f"{folder / 'config.json'}: not JSON ({err})") from None
+    return table, config
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lorabench.run import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--n-loras", dest="n_loras_grid", default=",".join(map(str, DEFAULT_N_LORAS)),
+        help="comma-separated numbers of adapters, one point each (default: %(default)s)",
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="points run in parallel processes (default: 1)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="sweep folder (default: results/sweep-<workload>); rerun to resume")
+
+
+def main(args: argparse.Namespace) -> int:
+    from lorabench.run import config_from_args
+
+    n_loras = parse_n_loras(args.n_loras_grid)
+    base = config_from_args(args)
+    out = args.out or Path("results") / f"sweep-{Path(str(base.workload)).stem}"
+    table = run_sweep(base, n_loras, out, jobs=args.jobs)
+    shown = ["n_loras", "strategy", "status", "output_throughput", "throughput_vs_single",
+             "ttft_p99_ms", "tpot_p99_ms", "gpu_memory_peak_gib"]
+    with pd.option_context("display.width", 160, "display.max_rows", 500, "display.max_colwidth", 40):
+        print(table[[c for c in shown if c in table.columns]].to_string(index=False, float_format="%.3g"))
+    print(f"\nwrote {out / 'sweep.csv'} ({table['executor'].iloc[0]} executor, device {table['device'].iloc[0]}); "
+          f"charts: lorabench plot {out}; report: lorabench report {out}")
+    return 0
