@@ -259,22 +259,50 @@ def read_sweep(folder: str | Path) -> tuple[pd.DataFrame, dict]:
 # --- command line -------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lorabench.run import add_config_arguments
+STRATEGIES = ("single", "per-lora", "paged", "compressed")
 
-    add_config_arguments(parser)
+
+def parse_strategies(text: str) -> tuple[str, ...]:
+    """'all' or a comma-separated subset of STRATEGIES (single-LoRA, the baseline, always runs)."""
+    names = STRATEGIES if text == "all" else tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in names if s not in STRATEGIES]
+    if unknown or not names:
+        raise LorabenchError(f"--strategy {text!r}: choose all or some of {', '.join(STRATEGIES)}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", default="zipf", help="workload name or TOML path (default: %(default)s)")
     parser.add_argument(
         "--n-loras", dest="n_loras_grid", default=",".join(map(str, DEFAULT_N_LORAS)),
         help="comma-separated numbers of adapters, one point each (default: %(default)s)",
     )
+    parser.add_argument("--strategy", default="all", help="all, or a comma-separated subset of "
+                        f"{', '.join(STRATEGIES)} (default: all)")
+    parser.add_argument("--rate", type=float, default=None, help="request rate, requests/s (workload's by default)")
+    parser.add_argument("--requests", type=int, default=None, help="requests per point (workload's by default)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds of arrivals (workload's by default)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (workload's by default)")
+    parser.add_argument("--alpha", type=float, default=None, help="popularity exponent (workload's by default)")
+    parser.add_argument("--model", default="mistral-7b", help="model preset (default: %(default)s)")
+    parser.add_argument("--device", default="h200", help="device preset (default: %(default)s)")
+    parser.add_argument("--executor", default="modeled", help="modeled or measured (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=1, help="points run in parallel processes (default: 1)")
     parser.add_argument("--out", type=Path, default=None,
                         help="sweep folder (default: results/sweep-<workload>); rerun to resume")
 
 
-def main(args: argparse.Namespace) -> int:
-    from lorabench.run import config_from_args
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The base RunConfig of the sweep: the flags given, the RunConfig's defaults for the rest."""
+    from lorabench.runner import RunConfig
 
+    given = dict(workload=args.workload, strategies=parse_strategies(args.strategy), rate=args.rate,
+                 requests=args.requests, duration=args.duration, seed=args.seed, alpha=args.alpha,
+                 model=args.model, device=args.device, executor=args.executor)
+    return RunConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def main(args: argparse.Namespace) -> int:
     n_loras = parse_n_loras(args.n_loras_grid)
     base = config_from_args(args)
     out = args.out or Path("results") / f"sweep-{Path(str(base.workload)).stem}"

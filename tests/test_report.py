@@ -1,0 +1,88 @@
+"""`lorabench report`: the Markdown page, and clear errors for folders that are not sweeps."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+
+from lorabench.cli import main as cli_main
+from lorabench.errors import LorabenchError
+from lorabench.plots import SWEEP_KINDS
+from lorabench.runner import RunConfig
+from lorabench.sweep import read_sweep, run_sweep
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "sweep"
+    run_sweep(RunConfig(workload="zipf", requests=40, seed=2, model="tiny", device="h200"), [1, 8], out,
+              progress=False)
+    return out
+
+
+def test_report_has_the_table_and_links_every_chart(sweep_dir, capsys):
+    assert cli_main(["report", str(sweep_dir)]) == 0
+    page = (sweep_dir / "report.md").read_text()
+    table = pd.read_csv(sweep_dir / "sweep.csv")
+    for col in ("device", "model", "workload", "executor"):
+        assert str(table[col].iloc[0]) in page.splitlines()[0]
+    images = re.findall(r"!\[(\w+)\]\(([^)]+)\)", page)
+    assert {kind for kind, _ in images} == set(SWEEP_KINDS)
+    for _, path in images:  # links are relative to the page and point at real files
+        assert (sweep_dir / path).stat().st_size > 0
+        assert (sweep_dir / path).with_suffix(".svg").exists()
+    rows = [ln for ln in page.splitlines() if ln.startswith("| ") and not ln.startswith("| adapters")]
+    assert len(rows) == len(table)
+    for (_, expected), row in zip(table.iterrows(), rows):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] == f"{expected['n_loras']:,}" and cells[1] == expected["strategy"]
+        assert cells[2] == f"{expected['output_throughput']:,.0f}"
+    assert "report.md" in capsys.readouterr().out
+
+
+def test_report_to_another_folder_links_charts_relative_to_the_page(sweep_dir, tmp_path):
+    out = tmp_path / "docs" / "page.md"
+    out.parent.mkdir()
+    assert cli_main(["report", str(sweep_dir), "--out", str(out)]) == 0
+    for path in re.findall(r"!\[\w+\]\(([^)]+)\)", out.read_text()):
+        assert (out.parent / path).exists()
+
+
+def broken_copy(sweep_dir, tmp_path, edit) -> str:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text((sweep_dir / "config.json").read_text())
+    edit(folder, pd.read_csv(sweep_dir / "sweep.csv"))
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda f, t: None, r"no sweep\.csv, not a sweep folder"),
+        (lambda f, t: (f / "sweep.csv").write_text(""), r"sweep\.csv: empty file"),
+        (lambda f, t: t.head(0).to_csv(f / "sweep.csv", index=False), r"sweep\.csv: no rows"),
+        (lambda f, t: t.drop(columns=["output_throughput", "executor"]).to_csv(f / "sweep.csv", index=False),
+         r"sweep\.csv: missing column\(s\) output_throughput, executor"),
+        (lambda f, t: t.assign(n_loras="many").to_csv(f / "sweep.csv", index=False),
+         r"sweep\.csv: column n_loras must hold integers"),
+    ],
+    ids=["missing", "empty-file", "header-only", "missing-columns", "bad-n-loras"],
+)
+def test_bad_folders_give_clear_errors(sweep_dir, tmp_path, capsys, edit, message):
+    folder = broken_copy(sweep_dir, tmp_path, edit)
+    with pytest.raises(LorabenchError, match=message):
+        read_sweep(folder)
+    for command in ("report", "plot"):
+        assert cli_main([command, folder]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err
+
+
+def test_a_run_folder_is_not_taken_for_a_sweep(sweep_dir, tmp_path):
+    with pytest.raises(LorabenchError, match="single run folder"):
+        read_sweep(sweep_dir / "points" / "1")
+    with pytest.raises(LorabenchError, match="no such folder"):
+        read_sweep(tmp_path / "nowhere")
