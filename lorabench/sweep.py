@@ -24,12 +24,15 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from lorabench.errors import LorabenchError
+
+if TYPE_CHECKING:  # the simulator is imported only when a sweep runs, so `lorabench plot` starts fast
+    from lorabench.runner import RunConfig
 
 DEFAULT_N_LORAS = (1, 4, 16, 64, 256, 1024, 4096)
 
@@ -56,12 +59,12 @@ def parse_n_loras(text: str) -> list[int]:
     return values
 
 
-def config_dict(config: Any) -> dict:
+def config_dict(config: RunConfig) -> dict:
     """A RunConfig as plain JSON values (tuples become lists), for storing and comparing."""
-    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    return json.loads(json.dumps(config.to_dict(), default=str))
 
 
-def sweep_config_dict(base: Any, n_loras: list[int]) -> dict:
+def sweep_config_dict(base: RunConfig, n_loras: list[int]) -> dict:
     run = config_dict(base)
     run.pop("n_loras", None)
     return {"run": run, "n_loras": list(n_loras)}
@@ -116,23 +119,19 @@ def finished_point(out: Path, n: int, wanted: dict) -> bool:
         return False
 
 
-def failed_rows(config: Any, reason: str) -> pd.DataFrame:
+def failed_rows(config: RunConfig, reason: str) -> pd.DataFrame:
     """Rows for a point the simulator refused: one per strategy, the reason in `status`."""
-    strategies = list(dict.fromkeys(("single", *config.strategies)))
-    return pd.DataFrame(
-        {
-            "strategy": strategies,
-            "n_loras": config.n_loras,
-            "status": f"point not run: {reason}",
-            "device": config.device,
-            "model": config.model,
-            "workload": config.workload,
-            "executor": config.executor,
-        }
-    )
+    from lorabench.sim.metrics import SUMMARY_COLUMNS
+
+    rows = pd.DataFrame({"strategy": list(config.strategies)}).reindex(columns=SUMMARY_COLUMNS)
+    rows["n_loras"] = config.n_loras
+    rows["status"] = f"point not run: {reason}"
+    for col in ("device", "model", "workload", "executor"):
+        rows[col] = getattr(config, col)
+    return rows
 
 
-def run_point(out: Path, config: Any) -> pd.DataFrame:
+def run_point(out: Path, config: RunConfig) -> pd.DataFrame:
     """Run one point into points/<n>/ (or record why it cannot run) and return its summary.
 
     Only a LorabenchError (a refusal on the config's own terms) is recorded as a failed point;
@@ -158,7 +157,7 @@ def run_point(out: Path, config: Any) -> pd.DataFrame:
     return summary
 
 
-def _run_point_in_worker(out: str, config: Any) -> tuple[int, pd.DataFrame]:
+def _run_point_in_worker(out: str, config: RunConfig) -> tuple[int, pd.DataFrame]:
     return config.n_loras, run_point(Path(out), config)
 
 
@@ -166,7 +165,7 @@ def _run_point_in_worker(out: str, config: Any) -> tuple[int, pd.DataFrame]:
 
 
 def run_sweep(
-    base: Any,
+    base: RunConfig,
     n_loras: list[int],
     out: Path,
     jobs: int = 1,
@@ -259,54 +258,39 @@ def read_sweep(folder: str | Path) -> tuple[pd.DataFrame, dict]:
 # --- command line -------------------------------------------------------------------------------
 
 
-STRATEGIES = ("single", "per-lora", "paged", "compressed")
+class _FlagsExcept:
+    """A parser stand-in that adds every argument but those named (to borrow `run`'s flags)."""
 
+    def __init__(self, parser: argparse.ArgumentParser, skip: set[str]):
+        self.parser, self.skip = parser, skip
 
-def parse_strategies(text: str) -> tuple[str, ...]:
-    """'all' or a comma-separated subset of STRATEGIES (single-LoRA, the baseline, always runs)."""
-    names = STRATEGIES if text == "all" else tuple(s.strip() for s in text.split(",") if s.strip())
-    unknown = [s for s in names if s not in STRATEGIES]
-    if unknown or not names:
-        raise LorabenchError(f"--strategy {text!r}: choose all or some of {', '.join(STRATEGIES)}")
-    return names
+    def add_argument(self, *flags, **kwargs):
+        if not self.skip & set(flags):
+            self.parser.add_argument(*flags, **kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workload", default="zipf", help="workload name or TOML path (default: %(default)s)")
+    from lorabench.run import add_arguments as add_run_arguments
+
+    # every flag of `lorabench run`, but a sweep's --n-loras is a grid and its --out a sweep folder
+    add_run_arguments(_FlagsExcept(parser, {"--n-loras", "--out"}))
     parser.add_argument(
-        "--n-loras", dest="n_loras_grid", default=",".join(map(str, DEFAULT_N_LORAS)),
+        "--n-loras", default=",".join(map(str, DEFAULT_N_LORAS)),
         help="comma-separated numbers of adapters, one point each (default: %(default)s)",
     )
-    parser.add_argument("--strategy", default="all", help="all, or a comma-separated subset of "
-                        f"{', '.join(STRATEGIES)} (default: all)")
-    parser.add_argument("--rate", type=float, default=None, help="request rate, requests/s (workload's by default)")
-    parser.add_argument("--requests", type=int, default=None, help="requests per point (workload's by default)")
-    parser.add_argument("--duration", type=float, default=None, help="seconds of arrivals (workload's by default)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (workload's by default)")
-    parser.add_argument("--alpha", type=float, default=None, help="popularity exponent (workload's by default)")
-    parser.add_argument("--model", default="mistral-7b", help="model preset (default: %(default)s)")
-    parser.add_argument("--device", default="h200", help="device preset (default: %(default)s)")
-    parser.add_argument("--executor", default="modeled", help="modeled or measured (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=1, help="points run in parallel processes (default: 1)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="sweep folder (default: results/sweep-<workload>); rerun to resume")
-
-
-def config_from_args(args: argparse.Namespace) -> Any:
-    """The base RunConfig of the sweep: the flags given, the RunConfig's defaults for the rest."""
-    from lorabench.runner import RunConfig
-
-    given = dict(workload=args.workload, strategies=parse_strategies(args.strategy), rate=args.rate,
-                 requests=args.requests, duration=args.duration, seed=args.seed, alpha=args.alpha,
-                 model=args.model, device=args.device, executor=args.executor)
-    return RunConfig(**{k: v for k, v in given.items() if v is not None})
+                        help="sweep folder (default: results/sweep-<workload>); rerun the same command to resume")
 
 
 def main(args: argparse.Namespace) -> int:
-    n_loras = parse_n_loras(args.n_loras_grid)
+    from lorabench.run import config_from_args
+
+    n_loras = parse_n_loras(args.n_loras)
+    args.n_loras = None  # the base config has none: each point sets its own
     base = config_from_args(args)
-    out = args.out or Path("results") / f"sweep-{Path(str(base.workload)).stem}"
-    table = run_sweep(base, n_loras, out, jobs=args.jobs)
+    out = args.out or Path("results") / f"sweep-{Path(base.workload).stem}"
+    table = run_sweep(base, n_loras, out, jobs=args.jobs, progress=not args.no_progress)
     shown = ["n_loras", "strategy", "status", "output_throughput", "throughput_vs_single",
              "ttft_p99_ms", "tpot_p99_ms", "gpu_memory_peak_gib"]
     with pd.option_context("display.width", 160, "display.max_rows", 500, "display.max_colwidth", 40):
