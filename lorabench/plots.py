@@ -230,7 +230,10 @@ def plot_cdf(table: pd.DataFrame, folder: Path, n_loras: int | None = None) -> p
             ax.step(values, np.arange(1, len(values) + 1) / len(values), where="post", color=strategy_color(s),
                     label=s)
     for ax, metric in zip(axes, labels):
-        ax.set_xlabel(labels[metric])
+        low, high = ax.dataLim.x0, ax.dataLim.x1
+        if low > 0 and high / low > 100:  # queueing delays span decades: a linear axis hides the body
+            ax.set_xscale("log")
+        ax.set_xlabel(labels[metric] + (", log scale" if ax.get_xscale() == "log" else ""))
         ax.set_ylabel("fraction of requests")
         ax.set_ylim(0, 1.01)
         ax.grid(True, alpha=0.3)
@@ -255,21 +258,35 @@ def read_compression(folder: str | Path) -> pd.DataFrame:
         raise LorabenchError(f"{folder}: no summary.json from `lorabench compress` in it or its subfolders")
     rows = []
     for path in paths:
-        try:
-            data = json.loads(path.read_text())
-        except ValueError as err:
-            raise LorabenchError(f"{path}: not JSON ({err})") from None
-        meta = data.get("metadata", {}) if isinstance(data.get("metadata"), dict) else {}
+        data = read_json(path)
+        meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
         row = {"path": str(path.parent)}
         for key in COMPRESSION_FIELDS + COMPRESSION_META:
-            if key in data:
-                row[key] = data[key]
-            elif key in meta:
-                row[key] = meta[key]
-            else:
+            if key not in data and key not in meta:
                 raise LorabenchError(f"{path}: missing field {key!r}")
+            row[key] = data.get(key, meta.get(key))
+        if row["clusters"] == "auto":
+            row["clusters"] = chosen_clusters(path.parent / "metadata.json")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def chosen_clusters(metadata: Path) -> int:
+    """With --clusters auto each module picks its own k: plot the modules' median."""
+    modules = read_json(metadata).get("modules") if metadata.exists() else None
+    if not modules or any("clusters" not in m for m in modules):
+        raise LorabenchError(f"{metadata}: clusters 'auto' needs the modules' chosen clusters here")
+    return int(np.median([m["clusters"] for m in modules]))
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise LorabenchError(f"{path}: not JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise LorabenchError(f"{path}: expected a JSON object")
+    return data
 
 
 def plot_compression(runs: pd.DataFrame) -> plt.Figure:

@@ -216,3 +216,16 @@ def test_unknown_kind_is_refused(sweep_dir, capsys):
 
 def test_sweep_reader_agrees_with_the_file(sweep_dir, table):
     pd.testing.assert_frame_equal(read_sweep(sweep_dir)[0], table)
+
+
+def test_auto_clusters_are_read_from_the_modules_choices(tmp_path):
+    folder = tmp_path / "c" / "auto"
+    folder.mkdir(parents=True)
+    summary = dict(mean_error=0.3, max_error=0.5, bytes_gpu=10, bytes_uncompressed=100, seconds=1.0, rank=16,
+                   method="full", clusters="auto")
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "metadata.json").write_text(json.dumps({"modules": [{"clusters": k} for k in (2, 4, 4, 8, 4)]}))
+    assert read_compression(tmp_path / "c")["clusters"].tolist() == [4]
+    (folder / "metadata.json").unlink()
+    with pytest.raises(LorabenchError, match="metadata.json: clusters 'auto'"):
+        read_compression(tmp_path / "c")
