@@ -1,0 +1,159 @@
+"""S-LoRA unified paging: adapter rows live in pages of one pool, found through a page table.
+
+    y[t] += scales[i] * B_i (A_i x[t]),   A_i[j, :] = pool[a_pages[i, j], :d_in],
+                                           B_i[:, j] = pool[b_pages[i, j], :d_out],   j < ranks[i]
+
+A page is one vector of the hidden size, the same unit a KV-cache token takes per layer, so
+adapters and KV cache share one pool. A module whose width is below the page size (k/v projections
+under GQA) uses a prefix of each page. Ranks differ between adapters without padding: each adapter
+holds ranks[i] pages per A and per B, and the kernels mask rank lanes past ranks[i].
+
+Like sgmv, two kernels over the batch's segment tiles: shrink (split over d_in) and expand. Each
+gathers a tile's weight rows by page number; a page row is contiguous, so the gather is coalesced.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import blocks, cdiv, check_paged, dot_precision, pad_rank, split_k, workspace
+from .metadata import LoraBatch
+
+
+@triton.jit
+def _paged_shrink_kernel(
+    # pointers
+    x_ptr, pool_ptr, a_pages_ptr, ranks_ptr, tiles_ptr, sorted_ptr, h_ptr,
+    # sizes
+    d_in, k_per_split,
+    # strides
+    stride_xm, stride_xk, stride_page, stride_table, stride_hs, stride_hm,
+    # meta
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """h[split, t, :] = partial sum over this split's slice of d_in of A_i x[t], for a tile's tokens."""
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    adapter = tl.load(tiles_ptr + tile * 3).to(tl.int64)
+    first = tl.load(tiles_ptr + tile * 3 + 1)
+    end = tl.load(tiles_ptr + tile * 3 + 2)
+
+    offs_m = first + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    rows = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < tl.load(ranks_ptr + adapter)
+    pages = tl.load(a_pages_ptr + adapter * stride_table + offs_r, mask=r_mask, other=0).to(tl.int64)
+
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, d_in)
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_hi
+        xs = tl.load(
+            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+        )
+        a_t = tl.load(  # (BLOCK_K, R_PAD) = A_i[:, k-block]^T, one page per column
+            pool_ptr + pages[None, :] * stride_page + offs_k[:, None],
+            mask=r_mask[None, :] & k_mask[:, None], other=0.0,
+        )
+        acc = tl.dot(xs, a_t, acc, input_precision=DOT_PRECISION)
+
+    tl.store(h_ptr + split * stride_hs + rows[:, None] * stride_hm + offs_r[None, :], acc, mask=m_mask[:, None])
+
+
+@triton.jit
+def _paged_expand_kernel(
+    # pointers
+    h_ptr, pool_ptr, b_pages_ptr, ranks_ptr, scales_ptr, y_ptr, tiles_ptr, sorted_ptr,
+    # sizes
+    d_out, num_splits,
+    # strides
+    stride_hs, stride_hm, stride_page, stride_table, stride_ym, stride_yn,
+    # meta
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """y[t, n-block] += scales[i] * (sum over splits of h[:, t]) B_i[n-block, :]^T."""
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    adapter = tl.load(tiles_ptr + tile * 3).to(tl.int64)
+    first = tl.load(tiles_ptr + tile * 3 + 1)
+    end = tl.load(tiles_ptr + tile * 3 + 2)
+
+    offs_m = first + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    rows = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < tl.load(ranks_ptr + adapter)
+    pages = tl.load(b_pages_ptr + adapter * stride_table + offs_r, mask=r_mask, other=0).to(tl.int64)
+
+    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for s in range(num_splits):
+        h += tl.load(h_ptr + s * stride_hs + rows[:, None] * stride_hm + offs_r[None, :], mask=m_mask[:, None], other=0.0)
+    h = h * tl.load(scales_ptr + adapter).to(tl.float32)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < d_out
+    b_t = tl.load(  # (R_PAD, BLOCK_N) = B_i[n-block, :]^T, one page per row (a page prefix of d_out)
+        pool_ptr + pages[:, None] * stride_page + offs_n[None, :],
+        mask=r_mask[:, None] & n_mask[None, :], other=0.0,
+    )
+    delta = tl.dot(h.to(b_t.dtype), b_t, input_precision=DOT_PRECISION)
+
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    mask = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=mask)
+
+
+def paged_lora(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pool: torch.Tensor,
+    a_pages: torch.Tensor,
+    b_pages: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    batch: LoraBatch,
+    workspace_buffer: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Paged LoRA with heterogeneous ranks; adds the delta into y in place and returns y.
+
+    x: (M, d_in)   y: (M, d_out)
+    pool:    (num_pages, page_size), page_size >= d_in, d_out; unit stride within a page
+    a_pages: (N, max_rank) int   page of row j of A_i     b_pages: (N, max_rank) int   page of column j of B_i
+    ranks:   (N,) int, 0 <= ranks[i] <= max_rank          scales: (N,)
+    batch: LoraBatch of adapter ids (rows of the page table) on x's device.
+    workspace_buffer: optional fp32 scratch (at least splits * M * pad_rank(max_rank) elements).
+    """
+    check_paged(x, y, pool, a_pages, b_pages, ranks, scales, batch)
+    if pool.stride(1) != 1:
+        raise ValueError("pool must have unit stride within a page (pool.stride(1) == 1)")
+    if a_pages.stride(1) != 1 or b_pages.stride(1) != 1 or a_pages.stride(0) != b_pages.stride(0):
+        raise ValueError("a_pages and b_pages must be row-contiguous tables of one layout")
+    m, d_in = x.shape
+    d_out = y.shape[1]
+    if batch.num_tiles == 0 or d_out == 0:
+        return y
+    r_pad, cfg = pad_rank(a_pages.shape[1]), blocks()
+    splits, k_per_split = split_k(batch.num_tiles, d_in, cfg.block_k)
+    h = workspace(workspace_buffer, (splits, m, r_pad), x.device)
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    _paged_shrink_kernel[(batch.num_tiles, splits)](
+        x, pool, a_pages, ranks, batch.tiles, batch.sorted_tokens, h,
+        d_in, k_per_split,
+        x.stride(0), x.stride(1), pool.stride(0), a_pages.stride(0), h.stride(0), h.stride(1),
+        BLOCK_M=batch.block_m, BLOCK_K=cfg.block_k, R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype), **launch,
+    )
+    _paged_expand_kernel[(batch.num_tiles, cdiv(d_out, cfg.block_n))](
+        h, pool, b_pages, ranks, scales, y, batch.tiles, batch.sorted_tokens,
+        d_out, splits,
+        h.stride(0), h.stride(1), pool.stride(0), b_pages.stride(0), y.stride(0), y.stride(1),
+        BLOCK_M=batch.block_m, BLOCK_N=cfg.block_n, R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype), **launch,
+    )
+    return y

@@ -1,0 +1,146 @@
+"""Per-lora segmented LoRA (Punica SGMV style): tokens of one adapter are processed together.
+
+    y[t] += scales[i] * B[i] @ (A[i] @ x[t])   for each token t of adapter slot i = ids[t] >= 0
+
+Two kernels over the batch's segment tiles (`LoraBatch.tiles`, block_m tokens of one adapter):
+shrink h = x A_i^T (split over d_in, partial sums in an fp32 workspace) and expand y += s_i h B_i^T
+(over blocks of d_out). Each tile reads its adapter's A_i and B_i once, so a segment of T tokens
+costs ceil(T / block_m) weight reads, not T; the grid is sized by the batch's tiles, never by the
+number of resident slots.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import blocks, cdiv, check_per_lora, dot_precision, pad_rank, split_k, workspace
+from .metadata import LoraBatch
+
+
+@triton.jit
+def _sgmv_shrink_kernel(
+    # pointers
+    x_ptr, a_ptr, tiles_ptr, sorted_ptr, h_ptr,
+    # sizes
+    d_in, rank, k_per_split,
+    # strides
+    stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_hs, stride_hm,
+    # meta
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """h[split, t, :] = partial sum over this split's slice of d_in of A[slot] x[t], for a tile's tokens."""
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    slot = tl.load(tiles_ptr + tile * 3).to(tl.int64)
+    first = tl.load(tiles_ptr + tile * 3 + 1)
+    end = tl.load(tiles_ptr + tile * 3 + 2)
+
+    offs_m = first + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    rows = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < rank
+
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, d_in)
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_hi
+        xs = tl.load(
+            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+        )
+        a_t = tl.load(  # (BLOCK_K, R_PAD) = A[slot, :, k-block]^T
+            a_ptr + slot * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+            mask=r_mask[None, :] & k_mask[:, None], other=0.0,
+        )
+        acc = tl.dot(xs, a_t, acc, input_precision=DOT_PRECISION)
+
+    tl.store(h_ptr + split * stride_hs + rows[:, None] * stride_hm + offs_r[None, :], acc, mask=m_mask[:, None])
+
+
+@triton.jit
+def _sgmv_expand_kernel(
+    # pointers
+    h_ptr, b_ptr, scales_ptr, y_ptr, tiles_ptr, sorted_ptr,
+    # sizes
+    d_out, rank, num_splits,
+    # strides
+    stride_hs, stride_hm, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
+    # meta
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """y[t, n-block] += scales[slot] * (sum over splits of h[:, t]) B[slot, n-block, :]^T."""
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.load(tiles_ptr + tile * 3).to(tl.int64)
+    first = tl.load(tiles_ptr + tile * 3 + 1)
+    end = tl.load(tiles_ptr + tile * 3 + 2)
+
+    offs_m = first + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    rows = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < rank
+
+    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for s in range(num_splits):
+        h += tl.load(h_ptr + s * stride_hs + rows[:, None] * stride_hm + offs_r[None, :], mask=m_mask[:, None], other=0.0)
+    h = h * tl.load(scales_ptr + slot).to(tl.float32)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < d_out
+    b_t = tl.load(  # (R_PAD, BLOCK_N) = B[slot, n-block, :]^T
+        b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+        mask=r_mask[:, None] & n_mask[None, :], other=0.0,
+    )
+    delta = tl.dot(h.to(b_t.dtype), b_t, input_precision=DOT_PRECISION)
+
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    mask = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=mask)
+
+
+def sgmv_lora(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scales: torch.Tensor,
+    batch: LoraBatch,
+    workspace_buffer: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Segmented per-lora LoRA; adds the delta into y in place and returns y.
+
+    x: (M, d_in)   y: (M, d_out)   A: (slots, r, d_in)   B: (slots, d_out, r)   scales: (slots,)
+    batch: LoraBatch of slot ids on x's device. workspace_buffer: optional fp32 scratch for the
+    split-K partial sums (at least splits * M * pad_rank(r) elements).
+    """
+    check_per_lora(x, y, A, B, scales, batch)
+    m, d_in = x.shape
+    d_out = y.shape[1]
+    rank = A.shape[1]
+    if batch.num_tiles == 0 or d_out == 0:
+        return y
+    r_pad, cfg = pad_rank(rank), blocks()
+    splits, k_per_split = split_k(batch.num_tiles, d_in, cfg.block_k)
+    h = workspace(workspace_buffer, (splits, m, r_pad), x.device)
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    _sgmv_shrink_kernel[(batch.num_tiles, splits)](
+        x, A, batch.tiles, batch.sorted_tokens, h,
+        d_in, rank, k_per_split,
+        x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), h.stride(0), h.stride(1),
+        BLOCK_M=batch.block_m, BLOCK_K=cfg.block_k, R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype), **launch,
+    )
+    _sgmv_expand_kernel[(batch.num_tiles, cdiv(d_out, cfg.block_n))](
+        h, B, scales, y, batch.tiles, batch.sorted_tokens,
+        d_out, rank, splits,
+        h.stride(0), h.stride(1), B.stride(0), B.stride(1), B.stride(2), y.stride(0), y.stride(1),
+        BLOCK_M=batch.block_m, BLOCK_N=cfg.block_n, R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype), **launch,
+    )
+    return y

@@ -1,0 +1,130 @@
+"""Single LoRA: every token uses one adapter, y += scale * (x A^T) B^T, two dense GEMMs.
+
+The baseline of every comparison. Shrink h = x A^T over row blocks of x, split over d_in (a decode
+batch has a single row block), with fp32 partial sums in a workspace; expand y += scale h B^T over
+(row block, d_out block).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import blocks, cdiv, check_single, dot_precision, pad_rank, split_k, workspace
+from .metadata import choose_block_m
+
+
+@triton.jit
+def _single_shrink_kernel(
+    # pointers
+    x_ptr, a_ptr, h_ptr,
+    # sizes
+    m, d_in, rank, k_per_split,
+    # strides
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_hs, stride_hm,
+    # meta
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """h[split, rows, :] = x[rows, k-slice] @ A[:, k-slice]^T."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
+    m_mask = offs_m < m
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < rank
+
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, d_in)
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_hi
+        xs = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+        )
+        a_t = tl.load(
+            a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+            mask=r_mask[None, :] & k_mask[:, None], other=0.0,
+        )
+        acc = tl.dot(xs, a_t, acc, input_precision=DOT_PRECISION)
+
+    tl.store(h_ptr + split * stride_hs + offs_m[:, None] * stride_hm + offs_r[None, :], acc, mask=m_mask[:, None])
+
+
+@triton.jit
+def _single_expand_kernel(
+    # pointers
+    h_ptr, b_ptr, y_ptr,
+    # sizes
+    m, d_out, rank, num_splits, scale,
+    # strides
+    stride_hs, stride_hm, stride_bn, stride_br, stride_ym, stride_yn,
+    # meta
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """y[rows, n-block] += scale * (sum over splits of h[:, rows]) @ B[n-block, :]^T."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_n = tl.program_id(1)
+    m_mask = offs_m < m
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < rank
+
+    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for s in range(num_splits):
+        h += tl.load(h_ptr + s * stride_hs + offs_m[:, None] * stride_hm + offs_r[None, :], mask=m_mask[:, None], other=0.0)
+    h = h * scale
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < d_out
+    b_t = tl.load(
+        b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+        mask=r_mask[:, None] & n_mask[None, :], other=0.0,
+    )
+    delta = tl.dot(h.to(b_t.dtype), b_t, input_precision=DOT_PRECISION)
+
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    mask = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=mask)
+
+
+def single_lora(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    workspace_buffer: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One adapter for every token; adds scale * B (A x) into y in place and returns y.
+
+    x: (M, d_in)   y: (M, d_out)   A: (r, d_in)   B: (d_out, r)   scale: Python float
+    workspace_buffer: optional fp32 scratch (at least splits * M * pad_rank(r) elements).
+    """
+    check_single(x, y, A, B)
+    m, d_in = x.shape
+    d_out = y.shape[1]
+    rank = A.shape[0]
+    if m == 0 or d_out == 0:
+        return y
+    r_pad, cfg = pad_rank(rank), blocks()
+    block_m = choose_block_m(m, 1)
+    row_blocks = cdiv(m, block_m)
+    splits, k_per_split = split_k(row_blocks, d_in, cfg.block_k)
+    h = workspace(workspace_buffer, (splits, m, r_pad), x.device)
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    _single_shrink_kernel[(row_blocks, splits)](
+        x, A, h,
+        m, d_in, rank, k_per_split,
+        x.stride(0), x.stride(1), A.stride(0), A.stride(1), h.stride(0), h.stride(1),
+        BLOCK_M=block_m, BLOCK_K=cfg.block_k, R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype), **launch,
+    )
+    _single_expand_kernel[(row_blocks, cdiv(d_out, cfg.block_n))](
+        h, B, y,
+        m, d_out, rank, splits, float(scale),
+        h.stride(0), h.stride(1), B.stride(0), B.stride(1), y.stride(0), y.stride(1),
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype), **launch,
+    )
+    return y
