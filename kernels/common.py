@@ -9,6 +9,7 @@ per tensor version (`check_values`), so the per-layer calls do not synchronize w
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -144,20 +145,23 @@ def check_batch(batch: LoraBatch, x: torch.Tensor, num_adapters: int, what: str)
         raise ValueError(f"adapter id {batch.max_adapter} out of range: {what} holds {num_adapters}")
 
 
-_checked_versions: dict[tuple, None] = {}
+# (name, id(tensor)) -> (weak reference to the tensor, its state when checked). The weak reference
+# tells a tensor from a later one at the same address; its callback drops the entry.
+_checked: dict[tuple[str, int], tuple[weakref.ref, tuple, weakref.ref | None]] = {}
 
 
 def check_values(name: str, t: torch.Tensor, lo: int, hi: int, ranks: torch.Tensor | None = None) -> None:
-    """Every entry of `t` lies in [lo, hi]; checked once per tensor version.
+    """Every entry of `t` lies in [lo, hi]; checked once per tensor and version (in-place updates
+    are seen), so pass per-adapter tables as tensors that persist across calls.
 
     With `ranks`, `t` is a page table (N, max_rank) and only entries t[i, j < ranks[i]] are checked.
     A CUDA-graph capture cannot read the device, so a tensor first seen during capture is trusted
     (the eager warm-up call before capture has checked it).
     """
-    key = (name, t.data_ptr(), t._version, tuple(t.shape), str(t.device), lo, hi)
-    if ranks is not None:
-        key += (ranks.data_ptr(), ranks._version)
-    if key in _checked_versions:
+    key = (name, id(t))
+    state = (t._version, lo, hi, None if ranks is None else (id(ranks), ranks._version))
+    entry = _checked.get(key)
+    if entry is not None and entry[0]() is t and entry[1] == state and (ranks is None or entry[2]() is ranks):
         return
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return
@@ -169,9 +173,11 @@ def check_values(name: str, t: torch.Tensor, lo: int, hi: int, ranks: torch.Tens
         if v_lo < lo or v_hi > hi:
             bad = v_lo if v_lo < lo else v_hi
             raise ValueError(f"{name} holds {bad}, outside [{lo}, {hi}]")
-    if len(_checked_versions) > 4096:
-        _checked_versions.clear()
-    _checked_versions[key] = None
+    _checked[key] = (
+        weakref.ref(t, lambda _, key=key: _checked.pop(key, None)),
+        state,
+        None if ranks is None else weakref.ref(ranks),
+    )
 
 
 def _describe(t) -> str:

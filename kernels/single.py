@@ -104,27 +104,43 @@ def single_lora(
     """
     check_single(x, y, A, B)
     m, d_in = x.shape
-    d_out = y.shape[1]
-    rank = A.shape[0]
-    if m == 0 or d_out == 0:
+    if m == 0 or y.shape[1] == 0:
         return y
-    r_pad, cfg = pad_rank(rank), blocks()
     block_m = choose_block_m(m, 1)
-    row_blocks = cdiv(m, block_m)
-    splits, k_per_split = split_k(row_blocks, d_in, cfg.block_k)
-    h = workspace(workspace_buffer, (splits, m, r_pad), x.device)
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-    _single_shrink_kernel[(row_blocks, splits)](
-        x, A, h,
-        m, d_in, rank, k_per_split,
-        x.stride(0), x.stride(1), A.stride(0), A.stride(1), h.stride(0), h.stride(1),
-        BLOCK_M=block_m, BLOCK_K=cfg.block_k, R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype), **launch,
-    )
-    _single_expand_kernel[(row_blocks, cdiv(d_out, cfg.block_n))](
-        h, B, y,
-        m, d_out, rank, splits, float(scale),
-        h.stride(0), h.stride(1), B.stride(0), B.stride(1), y.stride(0), y.stride(1),
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype), **launch,
-    )
+    splits, k_per_split = split_k(cdiv(m, block_m), d_in, blocks().block_k)
+    h = workspace(workspace_buffer, (splits, m, pad_rank(A.shape[0])), x.device)
+    dense_shrink(x, A, h, k_per_split, block_m)
+    dense_expand(h, B, y, scale, block_m)
     return y
+
+
+def dense_shrink(x: torch.Tensor, A: torch.Tensor, h: torch.Tensor, k_per_split: int, block_m: int) -> None:
+    """h[s] = x[:, slice s] A[:, slice s]^T for the d_in slices of k_per_split (any strides of x, A).
+
+    x: (M, d_in)   A: (r, d_in)   h: (splits, M, pad_rank(r)) fp32, every element written
+    """
+    cfg = blocks()
+    m, d_in = x.shape
+    _single_shrink_kernel[(cdiv(m, block_m), h.shape[0])](
+        x, A, h,
+        m, d_in, A.shape[0], k_per_split,
+        x.stride(0), x.stride(1), A.stride(0), A.stride(1), h.stride(0), h.stride(1),
+        BLOCK_M=block_m, BLOCK_K=cfg.block_k, R_PAD=h.shape[2], DOT_PRECISION=dot_precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def dense_expand(h: torch.Tensor, B: torch.Tensor, y: torch.Tensor, scale: float, block_m: int) -> None:
+    """y += scale * (sum over s of h[s])[:, :r] B^T, in place.
+
+    h: (splits, M, R_PAD) fp32 with zeros past r   B: (d_out, r)   y: (M, d_out)
+    """
+    cfg = blocks()
+    m, d_out = y.shape
+    _single_expand_kernel[(cdiv(m, block_m), cdiv(d_out, cfg.block_n))](
+        h, B, y,
+        m, d_out, B.shape[1], h.shape[0], float(scale),
+        h.stride(0), h.stride(1), B.stride(0), B.stride(1), y.stride(0), y.stride(1),
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, R_PAD=h.shape[2], DOT_PRECISION=dot_precision(y.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
