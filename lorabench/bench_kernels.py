@@ -2,7 +2,8 @@
 
 Grid: tokens M x resident adapters N, each token's adapter drawn from Zipf(alpha) over N;
 d_in = d_out = 4096, rank 16, compressed width R in {64, 128} (one cluster, full S). Columns: the
-strategies (single LoRA, per-lora sgmv and bgmv, paged, compressed) beside the base layer's GEMM,
+strategies (single LoRA, per-lora sgmv and bgmv, paged, compressed; on CUDA also cuBLAS forms of
+single and compressed) beside the base layer's GEMM,
 in median microseconds, and the bandwidth each reaches on its unique weight bytes as a fraction of
 the device's copy bandwidth, measured in the same run. "floor" is the per-lora unique adapter bytes
 over the copy bandwidth: no kernel that reads each adapter weight once can be faster.
@@ -178,13 +179,20 @@ class LayerWeights:
 
 
 def strategies(c: BenchConfig, w: LayerWeights, batch: LoraBatch, x, y, distinct: int):
-    """(name, call, unique weight bytes) of every column; on CPU per-lora has one PyTorch path."""
+    """(name, call, unique weight bytes) of every column.
+
+    On CUDA also the cuBLAS forms that the Triton kernels should beat: single LoRA as two
+    torch GEMMs, and the compressed layer with its dense steps in cuBLAS. On CPU per-lora has one
+    (PyTorch) path.
+    """
+    cuda = c.device == "cuda"
     lora_bytes = c.rank * (c.d_in + c.d_out) * c.elem
     out = torch.empty_like(y)
     yield "base_gemm", lambda: torch.mm(x, w.W.T, out=out), c.d_in * c.d_out * c.elem
     yield "single", lambda: lora_single(x, y, w.A[0], w.B[0], 1.0), lora_bytes
-    variants = ("sgmv", "bgmv") if c.device == "cuda" else ("auto",)
-    for v in variants:
+    if cuda:
+        yield "single_cublas", lambda: y.addmm_(x @ w.A[0].T, w.B[0].T), lora_bytes
+    for v in ("sgmv", "bgmv") if cuda else ("auto",):
         name = "per_lora" if v == "auto" else f"per_lora_{v}"
         yield name, (lambda v=v: lora_per_lora(x, y, w.A, w.B, w.scales, batch, variant=v)), distinct * lora_bytes
     yield "paged", lambda: lora_paged(x, y, w.pool, w.a_pages, w.b_pages, w.ranks, w.scales, batch), distinct * lora_bytes
@@ -192,6 +200,11 @@ def strategies(c: BenchConfig, w: LayerWeights, batch: LoraBatch, x, y, distinct
         nbytes = (width * (c.d_in + c.d_out) + distinct * width * width) * c.elem
         yield (f"compressed_R{width}", (lambda U=U, V=V, S=S, k=cluster_of: lora_compressed(x, y, U, V, S, k, batch)),
                nbytes)
+        if cuda and width == c.widths[0]:
+            from lorabench.kernels.compressed import compressed_lora
+
+            yield (f"compressed_R{width}_cublas",
+                   (lambda U=U, V=V, S=S, k=cluster_of: compressed_lora(x, y, U, V, S, k, batch, dense="torch")), nbytes)
 
 
 # ---------------------------------------------------------------------------------------------
