@@ -25,6 +25,7 @@ import triton.language as tl
 from .common import blocks, cdiv, check_compressed, dot_precision, pad_rank, split_k, workspace
 from .metadata import LoraBatch, choose_block_m
 from .single import dense_expand, dense_shrink
+from .tiles import load_tile
 
 DENSE_PATHS = ("triton", "torch")
 
@@ -43,19 +44,13 @@ def _compressed_mix_kernel(
     """g[k, t, :] = S_i (sum over splits of h[k, s, t, :]) for the tokens t of one tile (adapter i,
     cluster k = cluster_of[i]); columns of g past `width` (up to g_width) are written as zeros."""
     tile = tl.program_id(0)
-    adapter = tl.load(tiles_ptr + tile * 3).to(tl.int64)
-    first = tl.load(tiles_ptr + tile * 3 + 1)
-    end = tl.load(tiles_ptr + tile * 3 + 2)
+    adapter, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tile, BLOCK_M)
     cluster = tl.load(cluster_ptr + adapter).to(tl.int64)
-
-    offs_m = first + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < end
-    rows = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < width
     mask = m_mask[:, None] & r_mask[None, :]
 
-    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)  # h may be exactly `width` wide: mask its columns
     for split in range(num_splits):
         h_ptrs = h_ptr + cluster * stride_hk + split * stride_hs + rows[:, None] * stride_hm + offs_r[None, :]
         h += tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)

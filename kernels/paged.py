@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .common import blocks, cdiv, check_paged, dot_precision, pad_rank, split_k, workspace
 from .metadata import LoraBatch
+from .tiles import add_into, load_tile, sum_partials
 
 
 @triton.jit
@@ -36,13 +37,7 @@ def _paged_shrink_kernel(
     """h[split, t, :] = partial sum over this split's slice of d_in of A_i x[t], for a tile's tokens."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    adapter = tl.load(tiles_ptr + tile * 3).to(tl.int64)
-    first = tl.load(tiles_ptr + tile * 3 + 1)
-    end = tl.load(tiles_ptr + tile * 3 + 2)
-
-    offs_m = first + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < end
-    rows = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    adapter, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tile, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < tl.load(ranks_ptr + adapter)
     pages = tl.load(a_pages_ptr + adapter * stride_table + offs_r, mask=r_mask, other=0).to(tl.int64)
@@ -80,20 +75,12 @@ def _paged_expand_kernel(
     """y[t, n-block] += scales[i] * (sum over splits of h[:, t]) B_i[n-block, :]^T."""
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
-    adapter = tl.load(tiles_ptr + tile * 3).to(tl.int64)
-    first = tl.load(tiles_ptr + tile * 3 + 1)
-    end = tl.load(tiles_ptr + tile * 3 + 2)
-
-    offs_m = first + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < end
-    rows = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    adapter, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tile, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < tl.load(ranks_ptr + adapter)
     pages = tl.load(b_pages_ptr + adapter * stride_table + offs_r, mask=r_mask, other=0).to(tl.int64)
 
-    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for s in range(num_splits):
-        h += tl.load(h_ptr + s * stride_hs + rows[:, None] * stride_hm + offs_r[None, :], mask=m_mask[:, None], other=0.0)
+    h = sum_partials(h_ptr, rows, m_mask, num_splits, stride_hs, stride_hm, BLOCK_M, R_PAD)
     h = h * tl.load(scales_ptr + adapter).to(tl.float32)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -103,11 +90,7 @@ def _paged_expand_kernel(
         mask=r_mask[:, None] & n_mask[None, :], other=0.0,
     )
     delta = tl.dot(h.to(b_t.dtype), b_t, input_precision=DOT_PRECISION)
-
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    mask = m_mask[:, None] & n_mask[None, :]
-    y = tl.load(y_ptrs, mask=mask, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=mask)
+    add_into(y_ptr, rows, m_mask, offs_n, n_mask, delta, stride_ym, stride_yn)
 
 
 def paged_lora(

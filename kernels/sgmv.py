@@ -17,6 +17,7 @@ import triton.language as tl
 
 from .common import blocks, cdiv, check_per_lora, dot_precision, pad_rank, split_k, workspace
 from .metadata import LoraBatch
+from .tiles import add_into, load_tile, sum_partials
 
 
 @triton.jit
@@ -33,13 +34,7 @@ def _sgmv_shrink_kernel(
     """h[split, t, :] = partial sum over this split's slice of d_in of A[slot] x[t], for a tile's tokens."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    slot = tl.load(tiles_ptr + tile * 3).to(tl.int64)
-    first = tl.load(tiles_ptr + tile * 3 + 1)
-    end = tl.load(tiles_ptr + tile * 3 + 2)
-
-    offs_m = first + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < end
-    rows = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    slot, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tile, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < rank
 
@@ -76,19 +71,11 @@ def _sgmv_expand_kernel(
     """y[t, n-block] += scales[slot] * (sum over splits of h[:, t]) B[slot, n-block, :]^T."""
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
-    slot = tl.load(tiles_ptr + tile * 3).to(tl.int64)
-    first = tl.load(tiles_ptr + tile * 3 + 1)
-    end = tl.load(tiles_ptr + tile * 3 + 2)
-
-    offs_m = first + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < end
-    rows = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    slot, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tile, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < rank
 
-    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for s in range(num_splits):
-        h += tl.load(h_ptr + s * stride_hs + rows[:, None] * stride_hm + offs_r[None, :], mask=m_mask[:, None], other=0.0)
+    h = sum_partials(h_ptr, rows, m_mask, num_splits, stride_hs, stride_hm, BLOCK_M, R_PAD)
     h = h * tl.load(scales_ptr + slot).to(tl.float32)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -98,11 +85,7 @@ def _sgmv_expand_kernel(
         mask=r_mask[:, None] & n_mask[None, :], other=0.0,
     )
     delta = tl.dot(h.to(b_t.dtype), b_t, input_precision=DOT_PRECISION)
-
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    mask = m_mask[:, None] & n_mask[None, :]
-    y = tl.load(y_ptrs, mask=mask, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=mask)
+    add_into(y_ptr, rows, m_mask, offs_n, n_mask, delta, stride_ym, stride_yn)
 
 
 def sgmv_lora(

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from .common import blocks, cdiv, check_single, dot_precision, pad_rank, split_k, workspace
 from .metadata import choose_block_m
+from .tiles import add_into, sum_partials
 
 
 @triton.jit
@@ -70,10 +71,7 @@ def _single_expand_kernel(
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < rank
 
-    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for s in range(num_splits):
-        h += tl.load(h_ptr + s * stride_hs + offs_m[:, None] * stride_hm + offs_r[None, :], mask=m_mask[:, None], other=0.0)
-    h = h * scale
+    h = sum_partials(h_ptr, offs_m, m_mask, num_splits, stride_hs, stride_hm, BLOCK_M, R_PAD) * scale
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < d_out
@@ -82,11 +80,7 @@ def _single_expand_kernel(
         mask=r_mask[:, None] & n_mask[None, :], other=0.0,
     )
     delta = tl.dot(h.to(b_t.dtype), b_t, input_precision=DOT_PRECISION)
-
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    mask = m_mask[:, None] & n_mask[None, :]
-    y = tl.load(y_ptrs, mask=mask, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=mask)
+    add_into(y_ptr, offs_m, m_mask, offs_n, n_mask, delta, stride_ym, stride_yn)
 
 
 def single_lora(
