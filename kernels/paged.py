@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .common import blocks, cdiv, check_paged, dot_precision, pad_rank, split_k, workspace
 from .metadata import LoraBatch
-from .tiles import add_into, load_tile, sum_partials
+from .tiles import add_into, expand_rows, load_tile, shrink_rows, sum_partials
 
 
 @triton.jit
@@ -35,29 +35,16 @@ def _paged_shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """h[split, t, :] = partial sum over this split's slice of d_in of A_i x[t], for a tile's tokens."""
-    tile = tl.program_id(0)
     split = tl.program_id(1)
-    adapter, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tile, BLOCK_M)
+    adapter, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tl.program_id(0), BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < tl.load(ranks_ptr + adapter)
     pages = tl.load(a_pages_ptr + adapter * stride_table + offs_r, mask=r_mask, other=0).to(tl.int64)
-
     k_lo = split * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, d_in)
-    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_hi
-        xs = tl.load(
-            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & k_mask[None, :], other=0.0,
-        )
-        a_t = tl.load(  # (BLOCK_K, R_PAD) = A_i[:, k-block]^T, one page per column
-            pool_ptr + pages[None, :] * stride_page + offs_k[:, None],
-            mask=r_mask[None, :] & k_mask[:, None], other=0.0,
-        )
-        acc = tl.dot(xs, a_t, acc, input_precision=DOT_PRECISION)
-
+    acc = shrink_rows(  # row j of A_i is page pages[j]
+        x_ptr, rows, m_mask, stride_xm, stride_xk, pool_ptr + pages * stride_page, r_mask, 1,
+        k_lo, tl.minimum(k_lo + k_per_split, d_in), BLOCK_M, BLOCK_K, R_PAD, DOT_PRECISION,
+    )
     tl.store(h_ptr + split * stride_hs + rows[:, None] * stride_hm + offs_r[None, :], acc, mask=m_mask[:, None])
 
 
@@ -73,23 +60,16 @@ def _paged_expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """y[t, n-block] += scales[i] * (sum over splits of h[:, t]) B_i[n-block, :]^T."""
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    adapter, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tile, BLOCK_M)
+    adapter, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tl.program_id(0), BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < tl.load(ranks_ptr + adapter)
     pages = tl.load(b_pages_ptr + adapter * stride_table + offs_r, mask=r_mask, other=0).to(tl.int64)
-
     h = sum_partials(h_ptr, rows, m_mask, num_splits, stride_hs, stride_hm, BLOCK_M, R_PAD)
     h = h * tl.load(scales_ptr + adapter).to(tl.float32)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < d_out
-    b_t = tl.load(  # (R_PAD, BLOCK_N) = B_i[n-block, :]^T, one page per row (a page prefix of d_out)
-        pool_ptr + pages[:, None] * stride_page + offs_n[None, :],
-        mask=r_mask[:, None] & n_mask[None, :], other=0.0,
-    )
-    delta = tl.dot(h.to(b_t.dtype), b_t, input_precision=DOT_PRECISION)
+    # column j of B_i is a prefix (d_out values) of page pages[j]
+    delta = expand_rows(h, pool_ptr + pages * stride_page, r_mask, offs_n, n_mask, 1, DOT_PRECISION)
     add_into(y_ptr, rows, m_mask, offs_n, n_mask, delta, stride_ym, stride_yn)
 
 

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .common import blocks, cdiv, check_per_lora, dot_precision, pad_rank, split_k, workspace
 from .metadata import LoraBatch
-from .tiles import add_into, load_tile, sum_partials
+from .tiles import add_into, expand_rows, load_tile, shrink_rows, sum_partials
 
 
 @triton.jit
@@ -32,28 +32,15 @@ def _sgmv_shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """h[split, t, :] = partial sum over this split's slice of d_in of A[slot] x[t], for a tile's tokens."""
-    tile = tl.program_id(0)
     split = tl.program_id(1)
-    slot, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tile, BLOCK_M)
+    slot, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tl.program_id(0), BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
-    r_mask = offs_r < rank
-
+    a_rows = a_ptr + slot * stride_as + offs_r * stride_ar
     k_lo = split * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, d_in)
-    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_hi
-        xs = tl.load(
-            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & k_mask[None, :], other=0.0,
-        )
-        a_t = tl.load(  # (BLOCK_K, R_PAD) = A[slot, :, k-block]^T
-            a_ptr + slot * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-            mask=r_mask[None, :] & k_mask[:, None], other=0.0,
-        )
-        acc = tl.dot(xs, a_t, acc, input_precision=DOT_PRECISION)
-
+    acc = shrink_rows(
+        x_ptr, rows, m_mask, stride_xm, stride_xk, a_rows, offs_r < rank, stride_ak,
+        k_lo, tl.minimum(k_lo + k_per_split, d_in), BLOCK_M, BLOCK_K, R_PAD, DOT_PRECISION,
+    )
     tl.store(h_ptr + split * stride_hs + rows[:, None] * stride_hm + offs_r[None, :], acc, mask=m_mask[:, None])
 
 
@@ -69,22 +56,14 @@ def _sgmv_expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """y[t, n-block] += scales[slot] * (sum over splits of h[:, t]) B[slot, n-block, :]^T."""
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    slot, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tile, BLOCK_M)
+    slot, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tl.program_id(0), BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
-    r_mask = offs_r < rank
-
     h = sum_partials(h_ptr, rows, m_mask, num_splits, stride_hs, stride_hm, BLOCK_M, R_PAD)
     h = h * tl.load(scales_ptr + slot).to(tl.float32)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < d_out
-    b_t = tl.load(  # (R_PAD, BLOCK_N) = B[slot, n-block, :]^T
-        b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-        mask=r_mask[:, None] & n_mask[None, :], other=0.0,
-    )
-    delta = tl.dot(h.to(b_t.dtype), b_t, input_precision=DOT_PRECISION)
+    b_cols = b_ptr + slot * stride_bs + offs_r * stride_br
+    delta = expand_rows(h, b_cols, offs_r < rank, offs_n, n_mask, stride_bn, DOT_PRECISION)
     add_into(y_ptr, rows, m_mask, offs_n, n_mask, delta, stride_ym, stride_yn)
 
 

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .common import blocks, cdiv, check_single, dot_precision, pad_rank, split_k, workspace
 from .metadata import choose_block_m
-from .tiles import add_into, sum_partials
+from .tiles import add_into, expand_rows, shrink_rows, sum_partials
 
 
 @triton.jit
@@ -29,27 +29,14 @@ def _single_shrink_kernel(
 ):
     """h[split, rows, :] = x[rows, k-slice] @ A[:, k-slice]^T."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    split = tl.program_id(1)
     m_mask = offs_m < m
+    split = tl.program_id(1)
     offs_r = tl.arange(0, R_PAD)
-    r_mask = offs_r < rank
-
     k_lo = split * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, d_in)
-    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_hi
-        xs = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & k_mask[None, :], other=0.0,
-        )
-        a_t = tl.load(
-            a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-            mask=r_mask[None, :] & k_mask[:, None], other=0.0,
-        )
-        acc = tl.dot(xs, a_t, acc, input_precision=DOT_PRECISION)
-
+    acc = shrink_rows(
+        x_ptr, offs_m, m_mask, stride_xm, stride_xk, a_ptr + offs_r * stride_ar, offs_r < rank, stride_ak,
+        k_lo, tl.minimum(k_lo + k_per_split, d_in), BLOCK_M, BLOCK_K, R_PAD, DOT_PRECISION,
+    )
     tl.store(h_ptr + split * stride_hs + offs_m[:, None] * stride_hm + offs_r[None, :], acc, mask=m_mask[:, None])
 
 
@@ -66,20 +53,12 @@ def _single_expand_kernel(
 ):
     """y[rows, n-block] += scale * (sum over splits of h[:, rows]) @ B[n-block, :]^T."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pid_n = tl.program_id(1)
     m_mask = offs_m < m
     offs_r = tl.arange(0, R_PAD)
-    r_mask = offs_r < rank
-
     h = sum_partials(h_ptr, offs_m, m_mask, num_splits, stride_hs, stride_hm, BLOCK_M, R_PAD) * scale
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < d_out
-    b_t = tl.load(
-        b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-        mask=r_mask[:, None] & n_mask[None, :], other=0.0,
-    )
-    delta = tl.dot(h.to(b_t.dtype), b_t, input_precision=DOT_PRECISION)
+    delta = expand_rows(h, b_ptr + offs_r * stride_br, offs_r < rank, offs_n, n_mask, stride_bn, DOT_PRECISION)
     add_into(y_ptr, offs_m, m_mask, offs_n, n_mask, delta, stride_ym, stride_yn)
 
 
