@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from lorabench.kernels import lora_single
+from lorabench.kernels import lora_single, use_triton
 from lorabench.kernels.single import single_lora
 from lorabench.kernels.testing import (
     assert_matches, device_under_test, kernel_test_dtypes, single_problem, workspace_poisoned,
@@ -50,3 +50,12 @@ def test_bad_inputs_raise(backend):
         lora_single(x, y, A.to("meta"), B, 1.0, backend=backend)
     with pytest.raises(ValueError, match="backend must be one of"):
         lora_single(x, y, A, B, 1.0, backend="cuda")
+
+
+def test_backend_choice(monkeypatch):
+    x = torch.zeros(2, 3)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not use_triton(x, "auto") and not use_triton(x, "torch") and use_triton(x, "triton")
+    monkeypatch.delenv("TRITON_INTERPRET")  # compiled Triton needs CUDA tensors
+    with pytest.raises(ValueError, match="backend='triton' needs triton and CUDA tensors"):
+        use_triton(x, "triton")
