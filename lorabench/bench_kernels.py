@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -97,6 +98,13 @@ def main(args: argparse.Namespace) -> int:
 
     table = run_grid(config)
     table.insert(0, "device", device_name)
+    # Where the figures came from, on every row: a committed CSV must say how it was made.
+    table["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    table["versions"] = f"torch {torch.__version__}, triton {_triton_version()}"
+    table["command"] = (
+        f"lorabench bench-kernels --m {','.join(map(str, config.grid_m))} --n {','.join(map(str, config.grid_n))}"
+        f" --d {config.d_in} --seed {config.seed}" + (" --device-check" if args.device_check else "")
+    )
     out = args.out or Path("results/kernels") / f"{_slug(device_name)}.csv"
     write_csv_atomic(table, out)
     print_tables(table, cuda)
@@ -342,6 +350,14 @@ def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
     if any(v < 1 for v in values):
         raise LorabenchError(f"{flag} values must be >= 1, got {text!r}")
     return values
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "none"
+    return triton.__version__
 
 
 def _slug(device_name: str) -> str:

@@ -26,6 +26,7 @@ def test_bench_writes_a_consistent_csv(tmp_path, capsys):
     assert ((table.floor_us - floor).abs() <= 1e-9 * floor).all()
     assert (table.median_us > 0).all() and not list(tmp_path.glob(".*tmp"))
     assert "median microseconds (cpu)" in capsys.readouterr().out
+    assert set(table.command) == {"lorabench bench-kernels --m 1,5 --n 1,3 --d 32 --seed 0"}
 
 
 def test_bad_arguments_are_reported(capsys):
