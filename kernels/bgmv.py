@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import blocks, cdiv, check_per_lora, pad_rank, split_k, workspace
+from .common import blocks, cdiv, check_per_lora, pad_rank, partial_bytes, split_k, workspace
 from .metadata import LoraBatch
 
 @triton.jit
@@ -110,7 +110,8 @@ def bgmv_lora(
     if tokens == 0 or d_out == 0:
         return y
     r_pad, cfg = pad_rank(rank), blocks()
-    splits, k_per_split = split_k(tokens, d_in, cfg.gather_block)
+    reread = partial_bytes(tokens, r_pad, d_out, cfg.gather_block)
+    splits, k_per_split = split_k(tokens, d_in, cfg.gather_block, reread)
     h = workspace(workspace_buffer, (splits, m, r_pad), x.device)
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 

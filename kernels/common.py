@@ -21,6 +21,8 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_RANK = 128
 # Split-K aims at about this many programs for the shrink, enough to fill an H100/H200 twice.
 TARGET_PROGRAMS = 512
+# Bytes of split-K partial sums the expand may re-read (from L2) before fewer splits pay off.
+MAX_PARTIAL_READS = 4 << 20
 
 
 def interpreting() -> bool:
@@ -52,18 +54,28 @@ def pad_rank(r: int) -> int:
     return max(16, 1 << max(r - 1, 0).bit_length())
 
 
+def partial_bytes(rows: int, r_pad: int, d_out: int, block_n: int) -> int:
+    """Bytes of one split's fp32 partial sums that an expand over d_out blocks of block_n reads."""
+    return rows * r_pad * 4 * cdiv(d_out, block_n)
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def split_k(num_row_programs: int, d_in: int, block_k: int) -> tuple[int, int]:
+def split_k(num_row_programs: int, d_in: int, block_k: int, partial_bytes: int = 0) -> tuple[int, int]:
     """(splits, k_per_split): cut the shrink's reduction so that about TARGET_PROGRAMS run.
 
     A decode batch has few tiles, and a tile's shrink is a long, thin reduction over d_in: without
-    splitting it, a handful of programs would read all the adapter weights.
+    splitting it, a handful of programs would read all the adapter weights. But the expand re-reads
+    every split's partial sums once per d_out block: `partial_bytes` (bytes the expand reads per
+    split, rows * pad_rank * 4 * d_out blocks) caps the splits so that this stays near
+    MAX_PARTIAL_READS (a large prefill batch then runs few splits, which it can afford).
     """
     k_blocks = cdiv(d_in, block_k)
     splits = max(1, min(k_blocks, cdiv(TARGET_PROGRAMS, max(num_row_programs, 1))))
+    if partial_bytes:
+        splits = max(1, min(splits, MAX_PARTIAL_READS // partial_bytes))
     k_per_split = cdiv(k_blocks, splits) * block_k
     return cdiv(d_in, k_per_split), k_per_split
 

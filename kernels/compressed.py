@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import blocks, cdiv, check_compressed, dot_precision, pad_rank, split_k, workspace
+from .common import blocks, cdiv, check_compressed, dot_precision, pad_rank, partial_bytes, split_k, workspace
 from .metadata import LoraBatch, choose_block_m
 from .single import dense_expand, dense_shrink
 from .tiles import load_tile
@@ -95,9 +95,9 @@ def compressed_lora(
     if batch.num_tiles == 0 or y.shape[1] == 0:
         return y
     if dense == "triton":
-        block_m = choose_block_m(m, 1)
-        splits, k_per_split = split_k(cdiv(m, block_m) * k_clusters, d_in, blocks().block_k)
-        r_pad = pad_rank(width)
+        block_m, r_pad, cfg = choose_block_m(m, 1), pad_rank(width), blocks()
+        reread = partial_bytes(m, r_pad, 1, 1)  # the mix kernel reads each partial once (one "block")
+        splits, k_per_split = split_k(cdiv(m, block_m) * k_clusters, d_in, cfg.block_k, reread)
         scratch = workspace(workspace_buffer, (k_clusters, splits + 1, m, r_pad), x.device)
         h, g = scratch[:, :splits], scratch[:, splits]
         for k in range(k_clusters):

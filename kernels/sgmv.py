@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import blocks, cdiv, check_per_lora, dot_precision, pad_rank, split_k, workspace
+from .common import blocks, cdiv, check_per_lora, dot_precision, pad_rank, partial_bytes, split_k, workspace
 from .metadata import LoraBatch
 from .tiles import add_into, expand_rows, load_tile, shrink_rows, sum_partials
 
@@ -89,7 +89,8 @@ def sgmv_lora(
     if batch.num_tiles == 0 or d_out == 0:
         return y
     r_pad, cfg = pad_rank(rank), blocks()
-    splits, k_per_split = split_k(batch.num_tiles, d_in, cfg.block_k)
+    reread = partial_bytes(batch.num_adapter_tokens, r_pad, d_out, cfg.block_n)
+    splits, k_per_split = split_k(batch.num_tiles, d_in, cfg.block_k, reread)
     h = workspace(workspace_buffer, (splits, m, r_pad), x.device)
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import blocks, cdiv, check_single, dot_precision, pad_rank, split_k, workspace
+from .common import blocks, cdiv, check_single, dot_precision, pad_rank, partial_bytes, split_k, workspace
 from .metadata import choose_block_m
 from .tiles import add_into, expand_rows, shrink_rows, sum_partials
 
@@ -79,9 +79,10 @@ def single_lora(
     m, d_in = x.shape
     if m == 0 or y.shape[1] == 0:
         return y
-    block_m = choose_block_m(m, 1)
-    splits, k_per_split = split_k(cdiv(m, block_m), d_in, blocks().block_k)
-    h = workspace(workspace_buffer, (splits, m, pad_rank(A.shape[0])), x.device)
+    block_m, r_pad, cfg = choose_block_m(m, 1), pad_rank(A.shape[0]), blocks()
+    reread = partial_bytes(m, r_pad, y.shape[1], cfg.block_n)
+    splits, k_per_split = split_k(cdiv(m, block_m), d_in, cfg.block_k, reread)
+    h = workspace(workspace_buffer, (splits, m, r_pad), x.device)
     dense_shrink(x, A, h, k_per_split, block_m)
     dense_expand(h, B, y, scale, block_m)
     return y

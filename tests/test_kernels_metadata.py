@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lorabench.kernels import LoraBatch
+from lorabench.kernels.common import MAX_PARTIAL_READS, TARGET_PROGRAMS, split_k
 from lorabench.kernels.metadata import choose_block_m
 
 
@@ -40,3 +41,14 @@ def test_block_m_follows_mean_segment_length():
 def test_to_moves_the_tiles():
     batch = LoraBatch.build([2, 2, 0, -1], block_m=16).to("cpu")
     assert batch.tiles.tolist() == [[0, 0, 1], [2, 1, 3]] and batch.num_tiles == 2 and batch.block_m == 16
+
+
+@pytest.mark.parametrize("rows, d_in, block_k, partial", [(1, 4096, 128, 0), (24, 4096, 128, 0), (400, 4096, 128, 0),
+                                                          (24, 4096, 128, 2 << 20), (3, 100, 32, 0)])
+def test_split_k_covers_d_in(rows, d_in, block_k, partial):
+    splits, k_per_split = split_k(rows, d_in, block_k, partial)
+    assert k_per_split % block_k == 0
+    assert (splits - 1) * k_per_split < d_in <= splits * k_per_split  # every split has work, all of d_in covered
+    assert splits * rows <= max(TARGET_PROGRAMS, rows) + rows  # about TARGET_PROGRAMS programs, never far more
+    if partial:
+        assert splits <= max(1, MAX_PARTIAL_READS // partial)
