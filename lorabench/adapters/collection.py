@@ -77,11 +77,11 @@ class AdapterCollection:
     def hashes(self) -> list[str]:
         """sha256 of each adapter's config and weights files (identifies the compressed sources)."""
         if self._hashes is None:
-            self._hashes = [_hash_adapter(Path(a.folder)) for a in self.adapters]
+            self._hashes = [hash_adapter(Path(a.folder)) for a in self.adapters]
         return self._hashes
 
 
-def _hash_adapter(folder: Path) -> str:
+def hash_adapter(folder: Path) -> str:
     h = hashlib.sha256()
     for name in (peft.CONFIG_FILE, peft.WEIGHTS_FILE):
         with open(folder / name, "rb") as f:
