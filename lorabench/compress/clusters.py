@@ -11,6 +11,7 @@ adapter under the seeds so far.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -39,19 +40,28 @@ def _seed_bases(stack: LoraStack, j: int, rank: int, seed: int) -> tuple[torch.T
 
 
 def _kmeanspp_assignment(stack: LoraStack, rank: int, k: int, norms2: torch.Tensor, seed: int) -> torch.Tensor:
+    """Greedy k-means++: each next seed is the best (lowest total error) of a few candidates drawn
+    with probability proportional to the squared error under the seeds so far."""
     g = torch.Generator().manual_seed(seed)
+
+    def errors_under(j: int) -> torch.Tensor:
+        return relative(project_full(stack, *_seed_bases(stack, j, rank, seed))[1], norms2)
+
     seeds = [int(torch.randint(stack.n, (1,), generator=g))]
-    errors = []
-    while True:
-        U, V = _seed_bases(stack, seeds[-1], rank, seed)
-        errors.append(relative(project_full(stack, U, V)[1], norms2))
-        if len(seeds) == k:
-            break
+    errors = [errors_under(seeds[0])]
+    candidates = 2 + int(math.log(k))
+    while len(seeds) < k:
         closest = torch.stack(errors).min(dim=0).values
         closest[seeds] = 0
         p = closest.pow(2)
-        nxt = int(torch.multinomial(p / p.sum(), 1, generator=g)) if p.sum() > 0 else len(seeds)
-        seeds.append(nxt if nxt not in seeds else next(i for i in range(stack.n) if i not in seeds))
+        if p.sum() <= 0:  # everything reconstructed exactly: any unused adapter will do
+            p = torch.ones_like(p)
+            p[seeds] = 0
+        drawn = torch.multinomial(p / p.sum(), min(candidates, int((p > 0).sum())), generator=g).tolist()
+        tries = {j: errors_under(j) for j in drawn}
+        best = min(drawn, key=lambda j: float(torch.minimum(closest, tries[j]).sum()))
+        seeds.append(best)
+        errors.append(tries[best])
     assignment = torch.stack(errors).argmin(dim=0)
     assignment[seeds] = torch.arange(k)
     return assignment
