@@ -161,6 +161,9 @@ class LoraStack:
         return self.Bt.shape[2]
 
     def subset(self, idx: torch.Tensor) -> "LoraStack":
+        """The adapters idx (a copy; the stack itself when idx is all of them, in order)."""
+        if idx.numel() == self.n and torch.equal(idx.cpu(), torch.arange(self.n)):
+            return self
         return LoraStack(self.A[idx], self.Bt[idx], self.ranks[idx.cpu()])
 
     def norms2(self) -> torch.Tensor:

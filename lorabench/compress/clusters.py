@@ -101,12 +101,17 @@ def fit_clusters(
     assignment = torch.zeros(stack.n, dtype=torch.long) if k == 1 else _kmeanspp_assignment(stack, rank, k, norms2, seed)
     inits: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * k
     history: list[float] = []
-    for _ in range(max_rounds):
+
+    def fit_groups() -> list[GroupFit]:
         groups = []
         for group in range(k):
             idx = torch.nonzero(assignment == group).flatten()
             groups.append(fit(stack.subset(idx), rank, w[idx], init=inits[group], tol=tol, max_iter=max_iter, seed=seed))
             inits[group] = (groups[-1].U, groups[-1].V)
+        return groups
+
+    for _ in range(max_rounds):
+        groups = fit_groups()
         history.append(sum(float((w[assignment == g].double() * gf.err).sum()) for g, gf in enumerate(groups)))
         if k == 1:
             break
@@ -121,10 +126,7 @@ def fit_clusters(
             break
         assignment = new
     else:  # rounds ran out while adapters still moved: fit the final groups
-        groups = []
-        for group in range(k):
-            idx = torch.nonzero(assignment == group).flatten()
-            groups.append(fit(stack.subset(idx), rank, w[idx], init=inits[group], tol=tol, max_iter=max_iter, seed=seed))
+        groups = fit_groups()
     S = torch.zeros((stack.n,) + groups[0].S.shape[1:], dtype=stack.A.dtype, device=stack.A.device)
     err = torch.zeros(stack.n, dtype=torch.float64, device=stack.A.device)
     for group, gf in enumerate(groups):

@@ -19,13 +19,15 @@ from __future__ import annotations
 import torch
 
 from lorabench.adapters.types import LoraStack
-from lorabench.compress.fit import GroupFit, converged, rounding_floor
+from lorabench.compress.fit import GroupFit, converged, one_thread, rounding_floor
 from lorabench.compress.full import fit_full
 
 
 def _solve_right(rhs: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """X with X M = rhs for symmetric PSD M (least-squares minimum-norm if M is singular)."""
-    return (rhs.double() @ torch.linalg.pinv(M.double(), hermitian=True)).to(rhs)
+    with one_thread():
+        inverse = torch.linalg.pinv(M.double(), hermitian=True)
+    return (rhs.double() @ inverse).to(rhs)
 
 
 def _cores_and_error(Qb: torch.Tensor, P: torch.Tensor, U: torch.Tensor, V: torch.Tensor, norms2: torch.Tensor):
@@ -49,10 +51,11 @@ def _jennrich(S: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor] |
     a, b = (torch.randn(S.shape[0], generator=g, dtype=torch.float64) for _ in range(2))
     Sd = S.double()
     Ma, Mb = torch.einsum("n,nij->ij", a, Sd), torch.einsum("n,nij->ij", b, Sd)
-    if torch.linalg.cond(Mb) > 1e10:
-        return None
-    lam_x, X = torch.linalg.eig(Ma @ torch.linalg.inv(Mb))
-    lam_y, Y = torch.linalg.eig((torch.linalg.inv(Mb) @ Ma).T)
+    with one_thread():
+        if torch.linalg.cond(Mb) > 1e10:
+            return None
+        lam_x, X = torch.linalg.eig(Ma @ torch.linalg.inv(Mb))
+        lam_y, Y = torch.linalg.eig((torch.linalg.inv(Mb) @ Ma).T)
     # The same eigenvalues a_j / b_j pair X's and Y's columns.
     order_x = torch.argsort(lam_x.real * 1e6 + lam_x.imag)
     order_y = torch.argsort(lam_y.real * 1e6 + lam_y.imag)

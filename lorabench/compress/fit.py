@@ -10,7 +10,9 @@ O(n r d R), or an R x R (at most 2R x 2R) problem. Errors and objectives are acc
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -67,6 +69,19 @@ def relative(err: torch.Tensor, norms2: torch.Tensor) -> torch.Tensor:
     return torch.where(norms2 > 0, err.clamp_min(0) / norms2.clamp_min(1e-300), torch.zeros_like(err))
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run small LAPACK calls (R x R eigenproblems and solves, d x R QR) on one CPU thread: with
+    several threads they spend far longer synchronizing than computing (a 128 x 128 eigh: about
+    1 ms on one thread, 25-900 ms on two busy cores). The large GEMMs keep every thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def orthonormalize(X: torch.Tensor, against: torch.Tensor | None = None) -> torch.Tensor:
     """Orthonormal basis of X's columns (made orthogonal to `against`'s first); twice, for stability.
 
@@ -76,7 +91,8 @@ def orthonormalize(X: torch.Tensor, against: torch.Tensor | None = None) -> torc
     for _ in range(2):
         if against is not None:
             X = X - against @ (against.T @ X)
-        X = torch.linalg.qr(X)[0]
+        with one_thread():
+            X = torch.linalg.qr(X)[0]
     return X
 
 

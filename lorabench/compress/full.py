@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from lorabench.adapters.types import LoraStack
-from lorabench.compress.fit import GroupFit, converged, orthonormalize, rounding_floor
+from lorabench.compress.fit import GroupFit, converged, one_thread, orthonormalize, rounding_floor
 
 Product = Callable[[torch.Tensor], torch.Tensor]
 
@@ -53,9 +53,11 @@ def _rayleigh_ritz(
     G_basis = sum_times(w.to(other)[:, None, None] * (other @ cores.transpose(1, 2)))
     extra = orthonormalize(G_basis, against=basis)
     proj_all = torch.cat([proj, times(extra)], dim=2)  # (n, r, 2R)
-    Z = (proj_all.transpose(1, 2) @ other).double()  # (n, 2R, R)
-    H = torch.einsum("n,nar,nbr->ab", w.double(), Z, Z)
-    evals, evecs = torch.linalg.eigh(H)
+    Z = proj_all.transpose(1, 2) @ other  # (n, 2R, R): [basis, extra]^T F_i other_i
+    Z = (Z * w.to(Z).sqrt()[:, None, None]).transpose(0, 1).reshape(2 * rank, -1)
+    H = (Z @ Z.T).double()  # sum_i w_i Z_i Z_i^T, (2R, 2R)
+    with one_thread():
+        evals, evecs = torch.linalg.eigh(H)
     top = evecs[:, -rank:].to(basis)
     return torch.cat([basis, extra], dim=1) @ top, proj_all @ top, float(evals[-rank:].sum())
 
