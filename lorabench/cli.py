@@ -15,6 +15,8 @@ from lorabench.errors import LorabenchError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench-kernels": ("lorabench.bench_kernels", "time every strategy's LoRA kernels over a grid of batch sizes and adapter counts"),
+    "adapters": ("lorabench.adapters.cli", "synthesize a PEFT adapter collection (synth) or check one (info)"),
+    "compress": ("lorabench.compress.cli", "jointly compress an adapter collection (full, diagonal, svd; clusters)"),
 }
 
 
