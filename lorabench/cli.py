@@ -14,6 +14,7 @@ from lorabench.errors import LorabenchError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("lorabench.run", "serve a workload with every strategy and compare it with single-LoRA serving"),
 }
 
 
