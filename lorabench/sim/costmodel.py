@@ -172,35 +172,36 @@ class ModeledExecutor:
 
     def _lora(self, step: Step) -> float:
         """LoRA time of one layer (all target modules)."""
-        m = step.num_tokens
-        strategy, e, b = self.lora.strategy, self.eff, self.dtype_bytes
-        if strategy in ("single", "per-lora", "paged"):
-            if strategy == "single":
-                rank_sum, rank, segments = self._max_rank, self._max_rank, 1
-            else:
-                segments = step.distinct_adapters
-                if self._uniform_rank:
-                    rank = self._max_rank
-                    rank_sum = segments * rank
-                else:
-                    distinct = np.unique(step.adapters)
-                    rank_sum = int(self.lora.ranks[distinct].sum())
-                    rank = self._max_rank if strategy == "per-lora" else float(rank_sum) / len(distinct)
-                if strategy == "per-lora":
-                    rank_sum = segments * self._max_rank  # slots padded to max_lora_rank
-            return self._segmented(m, segments, rank, rank_sum, strategy)
-        # compressed
-        r = self.lora.compressed_rank
-        if self._n_clusters == 1:
-            present = 1
+        m, strategy = step.num_tokens, self.lora.strategy
+        if strategy == "compressed":
+            present = 1 if self._n_clusters == 1 else len(np.unique(self.lora.clusters[step.adapters]))
+            key = (m, present, step.distinct_adapters)
+            if key not in self._memo:
+                self._memo[key] = self._compressed(m, present, step.distinct_adapters)
+            return self._memo[key]
+        if strategy == "single":
+            segments, rank, rank_sum = 1, self._max_rank, self._max_rank
         else:
-            present = len(np.unique(self.lora.clusters[step.adapters]))
+            segments = step.distinct_adapters
+            if self._uniform_rank or strategy == "per-lora":  # per-lora slots are padded to max_lora_rank
+                rank, rank_sum = self._max_rank, segments * self._max_rank
+            else:
+                rank_sum = int(self.lora.ranks[np.unique(step.adapters)].sum())
+                rank = rank_sum / segments
+        key = (m, segments, rank_sum)
+        if key not in self._memo:
+            self._memo[key] = self._segmented(m, segments, rank, rank_sum, strategy)
+        return self._memo[key]
+
+    def _compressed(self, m: int, present: int, distinct: int) -> float:
+        """x @ V, the per-token S_i product, @ U^T, for `present` clusters and `distinct` adapters."""
+        r, e, b = self.lora.compressed_rank, self.eff, self.dtype_bytes
         total = 0.0
         for d_in, d_out in self._modules:
             down = self._kernel(2.0 * m * d_in * r, b * (present * d_in * r + m * (d_in + r)), e.lora_kernel_s)
-            # Per-token S_i gathered ([m, r, r]) then a batched product: reads S of the distinct
+            # S_i gathered per token ([m, r, r]) then a batched product: reads S of the distinct
             # adapters, writes and reads the gathered copy.
-            mid = self._kernel(2.0 * m * r * r, b * (step.distinct_adapters * r * r + 2 * m * r * r + 2 * m * r), e.lora_kernel_s)
+            mid = self._kernel(2.0 * m * r * r, b * (distinct * r * r + 2 * m * r * r + 2 * m * r), e.lora_kernel_s)
             up = self._kernel(2.0 * m * r * d_out, b * (present * r * d_out + m * (r + 2 * d_out)), e.lora_kernel_s)
             total += down + mid + up + present * e.lora_segment_s
         return total

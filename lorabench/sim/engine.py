@@ -112,7 +112,7 @@ class Replica:
 
     def _prefetch(self, adapters: list[int]) -> None:
         for a in dict.fromkeys(adapters):
-            if self.cache.is_resident(a) or a in self.cache.loading:
+            if self.cache.resident[a]:
                 continue
             if not self.cache.reserve(a):
                 break
@@ -124,6 +124,7 @@ class Replica:
     def _landed(self, event) -> None:
         self.cache.loaded(event.value)
         self.inflight -= 1
+        self.sched.epoch += 1
         if self.wake is not None and not self.wake.triggered:
             self.wake.succeed()
 
@@ -166,7 +167,7 @@ class Replica:
         env, s = self.env, self.sched
         nxt = s.next_arrival_s()
         if not self.inflight and not np.isfinite(nxt):
-            r = s.waiting[0]
+            r = s.first_waiting()
             raise SimulationStuck(
                 f"request {r} (prompt {int(s.req.prompt_tokens[r])}, output {int(s.req.output_tokens[r])} tokens) "
                 f"can never be admitted: KV cache {self.kv.capacity_blocks()} blocks of {self.kv.block_size} tokens"
@@ -177,7 +178,7 @@ class Replica:
             waits.append(env.timeout(max(nxt - env.now, 0.0)))
         start = env.now
         yield env.any_of(waits)
-        if s.waiting and self.inflight:  # idle only because adapters are still on their way
+        if s.n_waiting and self.inflight:  # idle only because adapters are still on their way
             self.load_stall_s += env.now - start
         self.wake = None
 

@@ -100,8 +100,10 @@ class AdapterCache:
 
     def __init__(self, pool: Pool, strategy: Strategy, in_use: np.ndarray, host_slots: int | None, preload: bool):
         self.pool, self.strategy, self.in_use = pool, strategy, in_use
-        self.resident: OrderedDict[int, int] = OrderedDict()  # adapter -> bytes, LRU first
-        self.loading: set[int] = set()
+        self.lru: OrderedDict[int, int] = OrderedDict()  # resident adapter -> bytes, least recent first
+        n = len(strategy.adapter_bytes)
+        self.resident = np.zeros(n, dtype=bool)
+        self.loading = np.zeros(n, dtype=bool)  # resident but its copy has not landed yet
         self.host: OrderedDict[int, None] | None = None if host_slots is None else OrderedDict()
         self.host_slots = host_slots
         self.used = 0
@@ -109,19 +111,16 @@ class AdapterCache:
             for a in range(len(strategy.adapter_bytes)):
                 self._place(a)
 
-    def is_resident(self, a: int) -> bool:
-        return a in self.resident
-
     def touch(self, a: int) -> None:
-        self.resident.move_to_end(a)
+        self.lru.move_to_end(a)
 
     def make_room(self, nbytes: int) -> bool:
         """Evict unpinned adapters, least recently used first, until `nbytes` are free."""
         if nbytes <= self.pool.free:
             return True
         victims, freed = [], 0
-        for a, size in self.resident.items():
-            if self.in_use[a] == 0 and a not in self.loading:
+        for a, size in self.lru.items():
+            if self.in_use[a] == 0 and not self.loading[a]:
                 victims.append(a)
                 freed += size
                 if self.pool.free + freed >= nbytes:
@@ -138,11 +137,11 @@ class AdapterCache:
         if not self.make_room(size):
             return False
         self._place(a)
-        self.loading.add(a)
+        self.loading[a] = True
         return True
 
     def loaded(self, a: int) -> None:
-        self.loading.discard(a)
+        self.loading[a] = False
 
     def host_miss(self, a: int) -> bool:
         """Whether adapter a must be read from storage first; updates the host LRU."""
@@ -160,10 +159,12 @@ class AdapterCache:
         size = int(self.strategy.adapter_bytes[a])
         self.pool.alloc(size)
         self.used += size
-        self.resident[a] = size
+        self.lru[a] = size
+        self.resident[a] = True
 
     def _evict(self, a: int) -> None:
-        size = self.resident.pop(a)
+        size = self.lru.pop(a)
+        self.resident[a] = False
         self.pool.release(size)
         self.used -= size
 

@@ -18,7 +18,6 @@ vector operations whatever the batch size.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +56,15 @@ class Scheduler:
         self.examined = np.zeros(n, dtype=bool)
         self.preemptions = 0
         self.generated: dict[int, int] = {}  # tokens a preempted request had generated
-        self.waiting: deque[int] = deque()
+        # Waiting requests: ids are in arrival order, so FCFS order is id order among those pending.
+        self.pending = np.zeros(n, dtype=bool)
+        self.head = 0  # no pending id below this
+        self.n_waiting = 0
+        # Admission is skipped while nothing it depends on changed (`epoch` counts finishes, prefills
+        # completed, loads landed, preemptions) and only new arrivals are examined when only they did.
+        self.epoch = 0
+        self._seen = (-1, 0)  # (epoch, arrived) at the last admission pass
+        self._blocked = False  # the last pass stopped at a request that must go first, or a full window
         self.arrived = 0  # requests 0 .. arrived-1 have arrived (ids are in arrival order)
         self.completed = 0
         self.run = {f: np.zeros(0, dtype=np.int64) for f in _FIELDS}
@@ -78,67 +85,101 @@ class Scheduler:
         return float(self.req.arrival_s[self.arrived]) if self.arrived < len(self.req) else np.inf
 
     def take_arrivals(self, now: float) -> None:
+        if self.arrived == len(self.req) or self.req.arrival_s[self.arrived] > now:
+            return
         end = int(np.searchsorted(self.req.arrival_s, now, side="right"))
         if end > self.arrived:
-            self.waiting.extend(range(self.arrived, end))
+            self.pending[self.arrived:end] = True
+            self.n_waiting += end - self.arrived
             self.arrived = end
+
+    def first_waiting(self) -> int:
+        return int(self._window(1)[0])
+
+    def _window(self, limit: int) -> np.ndarray:
+        """The first `limit` waiting ids in FCFS order."""
+        span = max(8 * limit, 1024)
+        while True:
+            ids = self.head + np.flatnonzero(self.pending[self.head : self.head + span])
+            if len(ids) >= limit or self.head + span >= self.arrived:
+                break
+            span *= 4
+        if len(ids):
+            self.head = int(ids[0])
+        return ids[:limit]
 
     # --- admission --------------------------------------------------------------------------
 
     def admit(self) -> list[int]:
-        """Move waiting requests into the batch; returns adapters that must be loaded synchronously
-        before the step (no-prefetch strategies) and adapters worth prefetching (prefetch ones)."""
-        cfg, run = self.cfg, self.run
+        """Move waiting requests into the batch. Adapters admitted without being resident (no-prefetch
+        strategies) are appended to `sync_loads`; returns the adapters worth prefetching."""
+        cfg, run, cache = self.cfg, self.run, self.cache
+        seats = cfg.max_num_seqs - self.num_running
+        if self.n_waiting == 0 or (seats == 0 and not cfg.prefetch):
+            return []
+        if self._seen[0] == self.epoch:
+            if self._seen[1] == self.arrived or self._blocked:
+                return []
+            ids = np.arange(self._seen[1], self.arrived)[: cfg.scan_limit]  # only new arrivals can join
+        else:
+            ids = self._window(cfg.scan_limit)
+        self._seen = (self.epoch, self.arrived)
+        ad = self.adapter_of[ids]
+        ready = cache.resident[ad] & ~cache.loading[ad]
+        fresh = ~self.examined[ids]
+        self.examined[ids[fresh]] = True
+        self.missed[ids[fresh]] = ~ready[fresh]
+        to_load = ad[~ready].tolist() if cfg.prefetch else []
+        if seats == 0:  # the batch is full: only prefetch for the next one
+            self._blocked = True
+            return to_load
+        candidate = ready if cfg.prefetch else ~cache.loading[ad]
+        capped = cfg.max_distinct is not None and self.distinct >= cfg.max_distinct
+        if capped:
+            candidate &= self.in_use[ad] > 0
         decode = int((run["prompt_left"] == 0).sum())
         budget = cfg.max_num_batched_tokens - decode - int(run["prompt_left"].sum())
-        seats = cfg.max_num_seqs - self.num_running
+        blocked = len(ids) == cfg.scan_limit  # requests past the window wait for a change
         admitted: list[tuple] = []
-        skipped: list[int] = []
-        to_load: list[int] = []
-        examined = 0
-        while self.waiting and seats > 0 and examined < cfg.scan_limit:
-            r = self.waiting.popleft()
-            examined += 1
-            a = int(self.adapter_of[r])
-            resident = self.cache.is_resident(a) and a not in self.cache.loading
-            if not self.examined[r]:
-                self.examined[r] = True
-                self.missed[r] = not resident
+        no_room = False  # a synchronous load found every slot in use: later ones will too
+        for r, a in zip(ids[candidate].tolist(), ad[candidate].tolist()):
+            if seats == 0:
+                blocked = True
+                break
             generated = self.generated.get(r, 0)  # a preempted request recomputes these too
             prompt = int(self.req.prompt_tokens[r]) + generated
             out_left = int(self.req.output_tokens[r]) - generated
-            need_tokens = 1 if cfg.chunked_prefill else prompt
-            if budget < need_tokens:
-                self.waiting.appendleft(r)
+            if budget < (1 if cfg.chunked_prefill else prompt):
+                blocked = True
                 break
             new_adapter = self.in_use[a] == 0
             if new_adapter and cfg.max_distinct is not None and self.distinct >= cfg.max_distinct:
-                skipped.append(r)
                 continue
-            if not resident:
-                if cfg.prefetch or a in self.cache.loading:
-                    skipped.append(r)
+            blocks = int(self.kv.blocks_for(prompt + out_left if cfg.kv_policy == "reserve" else prompt))
+            if not self.kv.can_alloc(blocks):
+                blocked = True
+                break
+            if not cache.resident[a]:  # evicted for KV just now (paged), or never loaded
+                if cfg.prefetch:
                     to_load.append(a)
                     continue
-                if not self.cache.reserve(a):  # every slot holds an adapter of the running batch
-                    skipped.append(r)
+                if no_room or not cache.reserve(a):
+                    no_room = True
                     continue
-                self.sync_loads.append(a)
-                self.cache.loaded(a)  # the engine charges its copy time to the next step
-            reserve = prompt + out_left if cfg.kv_policy == "reserve" else prompt
-            blocks = int(self.kv.blocks_for(reserve))
-            if not self.kv.alloc(blocks):
-                self.waiting.appendleft(r)
-                break
-            self.cache.touch(a)
+                cache.loaded(a)
+                self.sync_loads.append(a)  # the engine charges its copy time to the next step
+            self.kv.alloc(blocks)
+            cache.touch(a)
             if new_adapter:
                 self.distinct += 1
             self.in_use[a] += 1
+            self.pending[r] = False
             admitted.append((r, a, 0, prompt, out_left, blocks))
-            budget -= prompt if not cfg.chunked_prefill else min(prompt, budget)
+            budget -= min(prompt, budget)
             seats -= 1
-        self.waiting.extendleft(reversed(skipped))
+        self._blocked = blocked
         if admitted:
+            self.n_waiting -= len(admitted)
             cols = np.array(admitted, dtype=np.int64).T
             for f, col in zip(_FIELDS, cols):
                 run[f] = np.concatenate([run[f], col])
@@ -191,8 +232,11 @@ class Scheduler:
         self._drop_adapter(a)
         for f in _FIELDS:
             run[f] = run[f][:-1]
-        self.waiting.appendleft(r)
+        self.pending[r] = True
+        self.head = min(self.head, r)
+        self.n_waiting += 1
         self.preemptions += 1
+        self.epoch += 1
 
     def _drop_adapter(self, a: int) -> None:
         self.in_use[a] -= 1
@@ -220,6 +264,8 @@ class Scheduler:
             self.first_token_s[fresh] = end_s
         run["out_left"] = run["out_left"] - emits * iterations
         done = run["out_left"] <= 0
+        if was_prefill.any() or done.any():
+            self.epoch += 1  # token budget or seats freed
         if done.any():
             rids = run["rid"][done]
             self.finish_s[rids] = end_s
