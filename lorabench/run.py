@@ -82,6 +82,8 @@ def main(args: argparse.Namespace) -> int:
         raise LorabenchError(msg) from None
     workload = config.load_workload()
     out = args.out or default_run_dir(config.workload, workload.n_loras)
+    if out.exists():
+        raise LorabenchError(f"--out {out}: already exists; choose a new folder")
     print(f"lorabench run: workload {workload.name} ({workload.source}), {workload.n_loras} adapters, "
           f"{config.model} on {config.device}, executor {config.executor}")
     summary = run_experiment(config, out_dir=out, progress=not args.no_progress)

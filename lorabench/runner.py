@@ -23,16 +23,17 @@ from tqdm.auto import tqdm
 
 from lorabench import __version__
 from lorabench.errors import LorabenchError
-from lorabench.presets import DeviceSpec, device_preset, model_preset
+from lorabench.presets import DeviceSpec, ModelShape, device_preset, model_preset
 from lorabench.results import atomic_dir, write_csv, write_json
 from lorabench.sim.costmodel import Efficiency, LoraSetup, apply_profile, load_profile
-from lorabench.sim.engine import Replica, SimulationStuck
-from lorabench.sim.memory import kv_bytes_per_token, plan_memory
+from lorabench.sim.engine import Replica, RunResult, SimulationStuck
+from lorabench.sim.executor import Executor
+from lorabench.sim.memory import MemoryPlan, kv_bytes_per_token, plan_memory
 from lorabench.sim.metrics import (
     REQUEST_COLUMNS, SLO, STEP_COLUMNS, SUMMARY_COLUMNS, requests_frame, steps_frame, summarize,
 )
 from lorabench.sim.scheduler import SchedulerConfig
-from lorabench.strategies import STRATEGIES, build_strategy
+from lorabench.strategies import STRATEGIES, Strategy, build_strategy
 from lorabench.workload import Requests, Workload, load_workload
 
 EXECUTORS = {"modeled": "lorabench.sim.costmodel", "measured": "lorabench.sim.measured"}
@@ -143,65 +144,95 @@ def _resolve_device(config: RunConfig) -> DeviceSpec:
     return device
 
 
+class StrategyUnavailable(RuntimeError):
+    """The strategy cannot serve this experiment (its message is the summary's status)."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """What every strategy of one run shares: the request stream, model, device, adapters."""
+
+    config: RunConfig
+    workload: Workload
+    requests: Requests
+    model: ModelShape
+    device: DeviceSpec
+    ranks: np.ndarray  # rank of every adapter
+    clusters: np.ndarray  # cluster of every adapter (compressed)
+
+    @classmethod
+    def build(cls, config: RunConfig) -> "Experiment":
+        workload = config.load_workload()
+        requests = workload.generate()
+        longest = int(requests.prompt_tokens.max()) if len(requests) else 0
+        if not config.chunked_prefill and longest > config.max_num_batched_tokens:
+            raise LorabenchError(
+                f"max_num_batched_tokens ({config.max_num_batched_tokens}) is below the longest prompt of workload "
+                f"{workload.source} ({longest} tokens): raise it or enable chunked prefill"
+            )
+        return cls(config, workload, requests, model_preset(config.model), _resolve_device(config),
+                   workload.adapter_ranks(), workload.adapter_clusters())
+
+    def strategy(self, name: str) -> Strategy:
+        ad = self.workload.adapters
+        return build_strategy(name, self.model, self.ranks, ad.target_modules, ad.compressed_rank, ad.clusters)
+
+    def plan(self, strategy: Strategy) -> MemoryPlan:
+        """The strategy's share of the fair budget; per-lora slots default to the compressed
+        strategy's adapter memory (matched memory, as the paper compared)."""
+        compressed = self.strategy("compressed")
+        cfg = self.config
+        return plan_memory(strategy, self.model.params * 2, self.device.memory_bytes, cfg.gpu_memory_utilization,
+                           self.workload.n_loras, cfg.max_loras, compressed.shared_bytes + compressed.total_adapter_bytes)
+
+    def serve(self, name: str, executor: Executor | None = None, progress=None) -> RunResult:
+        """Run strategy `name` on the request stream. `executor` replaces the configured one.
+        Raises StrategyUnavailable when it cannot (its memory does not fit, or a request never can)."""
+        cfg, ad = self.config, self.workload.adapters
+        strategy = self.strategy(name)
+        plan = self.plan(strategy)
+        if plan.status != "ok":
+            raise StrategyUnavailable(plan.status)
+        if executor is None:
+            lora = LoraSetup(name, self.ranks, ad.target_modules, ad.compressed_rank, self.clusters, plan.slots)
+            executor = _executor_factory(cfg.executor)(cfg, self.model, self.device, lora)
+        sched = SchedulerConfig(
+            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            chunked_prefill=cfg.chunked_prefill, block_size=cfg.block_size, kv_policy=cfg.kv_policy,
+        )
+        replica = Replica(self.requests, strategy, plan, executor, sched,
+                          kv_bytes_per_token(self.model.layers, self.model.kv_dim), cfg.max_cpu_loras,
+                          cfg.storage_bandwidth, progress=progress)
+        try:
+            return replica.run()
+        except SimulationStuck as err:
+            raise StrategyUnavailable(f"cannot serve: {err}") from None
+
+
 def run_experiment(config: RunConfig, out_dir: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
     """Serve the workload with every strategy of `config`; return the summary (one row per strategy).
 
     With `out_dir`, also writes the run folder there atomically (it must not exist yet)."""
-    workload = config.load_workload()
-    requests = workload.generate()
-    model = model_preset(config.model)
-    device = _resolve_device(config)
-    _check_fits_budget(config, requests, workload)
-    make_executor = _executor_factory(config.executor)
-
-    ranks = workload.adapter_ranks()
-    clusters = workload.adapter_clusters()
-    ad = workload.adapters
-    strategies = {name: build_strategy(name, model, ranks, ad.target_modules, ad.compressed_rank, ad.clusters)
-                  for name in config.strategies}
-    compressed = strategies.get("compressed") or build_strategy(
-        "compressed", model, ranks, ad.target_modules, ad.compressed_rank, ad.clusters)
-    matched = compressed.shared_bytes + compressed.total_adapter_bytes
-    weights = model.params * 2
-    sched = SchedulerConfig(
-        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-        chunked_prefill=config.chunked_prefill, block_size=config.block_size, kv_policy=config.kv_policy,
-    )
+    exp = Experiment.build(config)
     slo = SLO(config.ttft_slo_ms, config.tpot_slo_ms)
     rows, frames = [], {}
-    for name, strategy in strategies.items():
-        plan = plan_memory(strategy, weights, device.memory_bytes, config.gpu_memory_utilization,
-                           workload.n_loras, config.max_loras, matched)
-        row = {"strategy": name, "status": plan.status}
-        if plan.status == "ok":
-            lora = LoraSetup(name, ranks, ad.target_modules, ad.compressed_rank, clusters, plan.slots)
-            executor = make_executor(config, model, device, lora)
-            bar = tqdm(total=len(requests), desc=f"{name:>10}", unit="req", disable=not progress, leave=True)
-            try:
-                result = Replica(requests, strategy, plan, executor, sched,
-                                 kv_bytes_per_token(model.layers, model.kv_dim), config.max_cpu_loras,
-                                 config.storage_bandwidth, progress=bar).run()
-            except SimulationStuck as err:
-                row["status"] = f"cannot serve: {err}"
-            else:
-                row.update(summarize(result, slo))
-                frames[name] = (requests_frame(result), steps_frame(result))
-            finally:
-                bar.close()
+    for name in config.strategies:
+        row = {"strategy": name, "status": "ok"}
+        bar = tqdm(total=len(exp.requests), desc=f"{name:>10}", unit="req", disable=not progress)
+        try:
+            result = exp.serve(name, progress=bar)
+        except StrategyUnavailable as why:
+            row["status"] = str(why)
+        else:
+            row.update(summarize(result, slo))
+            frames[name] = (requests_frame(result), steps_frame(result))
+        finally:
+            bar.close()
         rows.append(row)
-    summary = _summary_frame(rows, config, workload, device, model, len(requests))
+    summary = _summary_frame(rows, config, exp.workload, exp.device, exp.model, len(exp.requests))
     if out_dir is not None:
-        _write_run(out_dir, config, workload, model, device, summary, frames)
+        _write_run(out_dir, config, exp.workload, exp.model, exp.device, summary, frames)
     return summary
-
-
-def _check_fits_budget(config: RunConfig, requests: Requests, workload: Workload) -> None:
-    longest = int(requests.prompt_tokens.max()) if len(requests) else 0
-    if not config.chunked_prefill and longest > config.max_num_batched_tokens:
-        raise LorabenchError(
-            f"max_num_batched_tokens ({config.max_num_batched_tokens}) is below the longest prompt of workload "
-            f"{workload.source} ({longest} tokens): raise it or enable chunked prefill"
-        )
 
 
 def _summary_frame(rows, config, workload, device, model, n_requests) -> pd.DataFrame:

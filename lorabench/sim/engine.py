@@ -178,6 +178,8 @@ class Replica:
             waits.append(env.timeout(max(nxt - env.now, 0.0)))
         start = env.now
         yield env.any_of(waits)
+        if env.now >= nxt - 1e-9:  # woken for that arrival: take it even if float rounding fell short
+            s.take_arrivals(nxt)
         if s.n_waiting and self.inflight:  # idle only because adapters are still on their way
             self.load_stall_s += env.now - start
         self.wake = None
