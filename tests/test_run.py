@@ -55,7 +55,7 @@ def test_strategy_that_cannot_fit_reports_why(tmp_path):
 
 def test_profile_replaces_device_and_efficiency(tmp_path):
     profile = tmp_path / "p.json"
-    profile.write_text(json.dumps({"device": {"mem_bandwidth": 2.0e12}, "efficiency": {"kernel_s": 1e-5}}))
+    profile.write_text(json.dumps({"device": {"mem_bandwidth": 2.0e12}, "efficiency": {"lora_kernel_s": 1e-5}}))
     base = run_experiment(RunConfig(n_loras=16, requests=60, strategies=("single",)), progress=False)
     slow = run_experiment(RunConfig(n_loras=16, requests=60, strategies=("single",), profile=str(profile)),
                           progress=False)

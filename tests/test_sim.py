@@ -164,7 +164,7 @@ def test_cost_model_reproduces_the_h200_layer_anchors(batch):
     step = Step("single", np.ones(batch, dtype=np.int64), np.full(batch, 512), np.zeros(batch, dtype=np.int64),
                 np.zeros(batch, dtype=bool), 1)
     ex = ModeledExecutor(model, device, LoraSetup("single", np.full(4, 16), modules))
-    head = ex._gemm(batch, model.hidden, model.vocab, ex.eff.kernel_s)
+    head = ex._gemm(batch, model.hidden, model.vocab, device.launch_overhead_s)
     base_us = ((ex._dense_part(batch, batch) - head) / model.layers + ex._attention(step)) * 1e6
     lora_us = base_us + ex._lora(step) * 1e6
     want_base, want_lora = LAYER_ANCHORS[batch]

@@ -46,7 +46,6 @@ class Efficiency:
     memory: float = 0.90  # weight / activation streaming, fraction of DeviceSpec.mem_bandwidth
     attention_memory: float = 1.00  # decode attention reading the KV cache (reads only: at the copy rate)
     attention_flops: float = 0.60  # prefill attention (flash kernels reach less than a GEMM)
-    kernel_s: float = 5.0e-6  # fixed cost of one base-model kernel
     elementwise_kernels: int = 5  # per layer: 2 norms, RoPE, SiLU-mul, residual
     lora_kernel_s: float = 5.5e-6  # fixed cost of one LoRA kernel (12.8 us for two at M = 1; 43 us per layer)
     lora_segment_s: float = 0.29e-6  # per distinct adapter per module (0.36 us fit minus its bytes)
@@ -122,6 +121,7 @@ class ModeledExecutor:
         self.model, self.device, self.lora = model, device, lora
         self.eff = efficiency or Efficiency()
         self.dtype_bytes = dtype_bytes
+        self._kernel_s = device.launch_overhead_s  # fixed cost of one base-model kernel
         self._flops_rate = device.bf16_flops * self.eff.gemm_flops
         self._byte_rate = device.mem_bandwidth * self.eff.memory
         h, kv, inter = model.hidden, model.kv_dim, model.intermediate
@@ -148,12 +148,12 @@ class ModeledExecutor:
         key = ("dense", tokens, rows)
         if key not in self._memo:
             h, b, e = self.model.hidden, self.dtype_bytes, self.eff
-            layer = sum(self._gemm(tokens, d_in, d_out, e.kernel_s) for d_in, d_out in self._gemms)
+            layer = sum(self._gemm(tokens, d_in, d_out, self._kernel_s) for d_in, d_out in self._gemms)
             # Elementwise kernels each read and write about a hidden-sized row per token (SiLU-mul
             # reads two intermediate rows and writes one).
             elementwise = (4 * tokens * h * b + 3 * tokens * self.model.intermediate * b) / self._byte_rate
-            layer += elementwise + e.elementwise_kernels * e.kernel_s
-            head = self._gemm(rows, h, self.model.vocab, e.kernel_s)
+            layer += elementwise + e.elementwise_kernels * self._kernel_s
+            head = self._gemm(rows, h, self.model.vocab, self._kernel_s)
             self._memo[key] = self.model.layers * layer + head + e.step_overhead_s
         return self._memo[key]
 
@@ -166,7 +166,7 @@ class ModeledExecutor:
         return max(
             flops / (self.device.bf16_flops * self.eff.attention_flops),
             kv_bytes / (self.device.mem_bandwidth * self.eff.attention_memory),
-        ) + self.eff.kernel_s
+        ) + self._kernel_s
 
     # --- LoRA per strategy ------------------------------------------------------------------
 

@@ -156,14 +156,17 @@ class Scheduler:
             if new_adapter and cfg.max_distinct is not None and self.distinct >= cfg.max_distinct:
                 continue
             blocks = int(self.kv.blocks_for(prompt + out_left if cfg.kv_policy == "reserve" else prompt))
+            if cfg.prefetch and not cache.resident[a]:  # evicted for KV a moment ago (shared pool)
+                to_load.append(a)
+                continue
+            self.in_use[a] += 1  # pinned: finding KV memory must not evict this request's adapter
             if not self.kv.can_alloc(blocks):
+                self.in_use[a] -= 1
                 blocked = True
                 break
-            if not cache.resident[a]:  # evicted for KV just now (paged), or never loaded
-                if cfg.prefetch:
-                    to_load.append(a)
-                    continue
+            if not cache.resident[a]:
                 if no_room or not cache.reserve(a):
+                    self.in_use[a] -= 1
                     no_room = True
                     continue
                 cache.loaded(a)
@@ -172,7 +175,6 @@ class Scheduler:
             cache.touch(a)
             if new_adapter:
                 self.distinct += 1
-            self.in_use[a] += 1
             self.pending[r] = False
             admitted.append((r, a, 0, prompt, out_left, blocks))
             budget -= min(prompt, budget)
@@ -187,8 +189,10 @@ class Scheduler:
 
     # --- steps ------------------------------------------------------------------------------
 
-    def build_step(self) -> Step:
-        """The next iteration: decode rows take 1 token, prefill rows their prompt (or a chunk)."""
+    def build_step(self) -> tuple[Step, np.ndarray | None]:
+        """The next iteration: decode rows take 1 token, prefill rows their prompt (or a chunk).
+        Returns the step and, when chunked prefill leaves some rows out this time, the mask of the
+        running rows it covers (None: all of them)."""
         run, cfg = self.run, self.cfg
         left = run["prompt_left"]
         is_prefill = left > 0
