@@ -10,7 +10,7 @@ import pandas as pd
 from lorabench.errors import LorabenchError
 from lorabench.presets import DEVICES, MODELS
 from lorabench.results import default_run_dir
-from lorabench.runner import EXECUTORS, KV_POLICIES, RunConfig, run_experiment
+from lorabench.runner import EXECUTORS, KV_POLICIES, Experiment, RunConfig, run_experiment
 from lorabench.strategies import parse_strategies
 from lorabench.workload import builtin_workloads
 
@@ -102,15 +102,24 @@ def format_table(summary: pd.DataFrame) -> str:
 
 def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
     first = summary.iloc[0]
-    kind = ("MODELED figures (a roofline cost model, not a measurement)" if config.executor == "modeled"
+    exp = Experiment.build(config)
+    plan = exp.plan(exp.strategy("per-lora"))
+    kind = ("MODELED figures (a roofline cost model of the device, not a measurement)" if config.executor == "modeled"
             else "MEASURED step times")
-    return "\n".join([
-        f"{kind} for {first['model']} on one {first['device']}, {int(first['requests'])} requests of workload "
-        f"{first['workload']}, {int(first['n_loras'])} adapters; every strategy served the same request stream.",
-        "tok/s = output tokens per second over the run; 'vs single' = that throughput over the single-LoRA",
-        "baseline's (every request on one adapter); TTFT = time to first token; TPOT = time per output token",
-        f"after the first; goodput = requests/s meeting TTFT <= {config.ttft_slo_ms:g} ms and TPOT <= "
-        f"{config.tpot_slo_ms:g} ms; loads = host->GPU adapter copies. At a rate the server keeps up with, all",
-        "strategies finish the same work and differ in latency; --workload offline measures peak throughput.",
+    lines = [
+        f"{kind}: {first['model']} on one {first['device']}, {int(first['requests'])} requests of workload "
+        f"{first['workload']} over {int(first['n_loras'])} adapters, the same stream for every strategy.",
+        f"Every strategy had the same GPU budget for adapters + KV cache: {plan.budget / 2**30:.1f} GiB "
+        f"({config.gpu_memory_utilization:g} x device memory - {plan.weights / 2**30:.1f} GiB of weights);",
+        f"per-lora got {plan.slots} adapter slots (= distinct adapters per batch), "
+        + ("as --max-loras set." if config.max_loras else "as many as fit in the memory compressed adapters take."),
+        "tok/s: output tokens per second; vs single: that over the single-LoRA baseline (every request on",
+        "one adapter); TTFT: time to first token; TPOT: time per output token after the first; goodput:",
+        f"requests/s meeting TTFT <= {config.ttft_slo_ms:g} ms and TPOT <= {config.tpot_slo_ms:g} ms; loads: "
+        "host->GPU adapter copies; hit rate:",
+        "requests whose adapter was already on the GPU; batch, distinct: mean requests and adapters per step.",
+        "Below saturation every strategy finishes the same work and differs in latency; --workload offline",
+        "measures peak throughput.",
         f"Results: {out}/ (summary.csv, requests/, steps/, config.json)",
-    ])
+    ]
+    return "\n".join(lines)
