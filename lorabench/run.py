@@ -25,6 +25,13 @@ TABLE = (
 )
 
 
+def rank_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rank or a comma list of ranks like 8,16,32,64, got {text!r}") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", default="zipf", help=f"shipped workload ({', '.join(builtin_workloads())}) or a .toml path")
     p.add_argument("--n-loras", type=int, help="number of adapters (overrides the workload)")
@@ -39,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, help="stop arrivals after this many seconds")
     p.add_argument("--seed", type=int, help="random seed (overrides the workload)")
     p.add_argument("--alpha", type=float, help="popularity exponent (zipf alpha / slora-power alpha)")
-    p.add_argument("--rank", type=lambda s: tuple(int(x) for x in s.split(",")),
+    p.add_argument("--rank", type=rank_list,
                    help="adapter rank, or a comma list to draw from (e.g. 8,16,32,64)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)

@@ -68,11 +68,8 @@ class Replica:
             adapter_pool = kv_pool = Pool(plan.adapter_capacity)
         else:
             adapter_pool, kv_pool = Pool(plan.adapter_capacity), Pool(plan.kv_capacity)
-        preload_all = plan.preload and strategy.name != "single"
-        self.cache = AdapterCache(adapter_pool, strategy, self.in_use, host_slots, preload=preload_all)
-        if strategy.name == "single":
-            self.cache.reserve(0)
-            self.cache.loaded(0)
+        preloaded = range(plan.slots) if plan.preload else ()
+        self.cache = AdapterCache(adapter_pool, strategy, self.in_use, host_slots, preloaded)
         self.kv = KVCache(kv_pool, config.block_size, kv_bytes_per_token, self.cache if strategy.shared_pool else None)
         config = SchedulerConfig(**{**config.__dict__, "max_distinct": plan.max_distinct, "prefetch": strategy.prefetch})
         self.cfg = config

@@ -4,6 +4,13 @@ The engine builds one `Step` per iteration of continuous batching and advances t
 `executor.step(step)` seconds; an adapter copy host->GPU takes `executor.load(nbytes, copies)`.
 Two implementations: the modeled one (`costmodel.ModeledExecutor`, a roofline) and the measured one
 (`measured.py`, real kernels timed on the device). `ConstantExecutor` serves queueing checks.
+
+Plugging in an executor: `RunConfig.executor = NAME` makes the runner import the module
+`runner.EXECUTORS[NAME]` and call its `make_executor(config, model, device, lora)` once per strategy,
+where `lora` is a `costmodel.LoraSetup` (strategy name, rank of every adapter, target modules,
+compressed rank R, cluster of every adapter, per-lora resident slots). The executor's `step` gets
+adapter ids 0 .. n_loras-1 (the single strategy: all 0); `load` gets the bytes of one adapter and the
+number of separate copies the strategy makes (each copy has a fixed cost on a real link).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ pool (adapters evicted to make room for KV); the others give adapters a fixed pa
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +51,7 @@ class MemoryPlan:
     kv_capacity: int  # bytes for the KV cache (paged: the whole pool)
     max_distinct: int | None  # cap of distinct adapters per batch (per-lora: max_loras)
     slots: int  # adapters that fit at once (per-lora: max_loras; compressed: S_i that fit)
-    preload: bool  # every adapter resident from the start (single; compressed when all S_i fit)
+    preload: bool  # adapters 0 .. slots-1 resident from the start (single: its one; compressed: all S_i)
     status: str = "ok"
 
 
@@ -98,7 +98,8 @@ class AdapterCache:
     memory; a miss there reads the adapter from storage first.
     """
 
-    def __init__(self, pool: Pool, strategy: Strategy, in_use: np.ndarray, host_slots: int | None, preload: bool):
+    def __init__(self, pool: Pool, strategy: Strategy, in_use: np.ndarray, host_slots: int | None,
+                 preloaded: Iterable[int] = ()):
         self.pool, self.strategy, self.in_use = pool, strategy, in_use
         self.lru: OrderedDict[int, int] = OrderedDict()  # resident adapter -> bytes, least recent first
         n = len(strategy.adapter_bytes)
@@ -107,9 +108,8 @@ class AdapterCache:
         self.host: OrderedDict[int, None] | None = None if host_slots is None else OrderedDict()
         self.host_slots = host_slots
         self.used = 0
-        if preload:
-            for a in range(len(strategy.adapter_bytes)):
-                self._place(a)
+        for a in preloaded:
+            self._place(a)
 
     def touch(self, a: int) -> None:
         self.lru.move_to_end(a)
@@ -209,7 +209,3 @@ class KVCache:
 def kv_bytes_per_token(layers: int, kv_dim: int, dtype_bytes: int = 2) -> int:
     """K and V of one token over all layers."""
     return 2 * layers * kv_dim * dtype_bytes
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else math.inf

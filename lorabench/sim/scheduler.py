@@ -38,7 +38,7 @@ class SchedulerConfig:
     kv_policy: str = "reserve"  # or "preempt"
     max_distinct: int | None = None  # distinct adapters per batch (per-lora: max_loras)
     prefetch: bool = False  # loads are issued ahead for waiting requests (paged)
-    scan_limit: int = 512  # waiting requests examined per step past skipped ones
+    scan_limit: int = 512  # waiting requests (FCFS) examined per admission pass
 
 
 class Scheduler:
