@@ -160,8 +160,12 @@ class ModeledExecutor:
     def _attention(self, step: Step) -> float:
         """One layer's attention: query-key pairs of every row (a prefill chunk of c tokens ending at
         context n attends c (n - (c - 1) / 2) pairs) and the KV bytes it reads."""
-        pairs = float((step.tokens * (step.context_lens - (step.tokens - 1) * 0.5)).sum())
-        kv_bytes = float(step.context_lens.sum()) * 2 * self.model.kv_dim * self.dtype_bytes
+        context = float(step.context_lens.sum())
+        if step.num_tokens == step.batch_size:  # decode only: one query per row
+            pairs = context
+        else:
+            pairs = float((step.tokens * (step.context_lens - (step.tokens - 1) * 0.5)).sum())
+        kv_bytes = context * 2 * self.model.kv_dim * self.dtype_bytes
         flops = 4.0 * self.model.hidden * pairs
         return max(
             flops / (self.device.bf16_flops * self.eff.attention_flops),

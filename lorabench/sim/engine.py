@@ -18,7 +18,7 @@ import simpy
 
 from lorabench.sim.executor import Executor, Step
 from lorabench.sim.memory import AdapterCache, KVCache, MemoryPlan, Pool
-from lorabench.sim.scheduler import Scheduler, SchedulerConfig
+from lorabench.sim.scheduler import BLOCKS, CTX, OUT_LEFT, Scheduler, SchedulerConfig
 from lorabench.strategies import Strategy
 from lorabench.workload import Requests
 
@@ -185,12 +185,12 @@ class Replica:
         """How many identical decode iterations to apply at once, and their total duration."""
         first = self.executor.step(step)
         s = self.sched
-        if rows is not None or self.inflight or step.is_prefill.any():
+        if rows is not None or self.inflight or s.prefilling:
             return 1, first
-        run = s.run
-        k_max = int(run["out_left"].min())
+        st = s.state
+        k_max = int(st[:, OUT_LEFT].min())
         if self.cfg.kv_policy == "preempt":  # stay within the blocks every row holds now
-            k_max = min(k_max, int((run["blocks"] * self.kv.block_size - run["ctx"]).min()))
+            k_max = min(k_max, int((st[:, BLOCKS] * self.kv.block_size - st[:, CTX]).min()))
         next_arrival = s.next_arrival_s()
         now = self.env.now
         t, k = now + first, 1

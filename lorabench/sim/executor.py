@@ -15,7 +15,7 @@ number of separate copies the strategy makes (each copy has a fixed cost on a re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -38,14 +38,14 @@ class Step:
     adapters: np.ndarray
     is_prefill: np.ndarray
     distinct_adapters: int
+    num_tokens: int = field(init=False)  # tokens.sum()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "num_tokens", int(self.tokens.sum()))
 
     @property
     def batch_size(self) -> int:
         return len(self.tokens)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tokens.sum())
 
     @property
     def prefill_tokens(self) -> int:

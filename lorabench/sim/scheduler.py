@@ -12,8 +12,8 @@ for memory and nothing is ever preempted; "preempt" allocates as the context gro
 run out, preempts the most recently admitted request (its KV is dropped and recomputed later, as
 vLLM's recompute preemption).
 
-Running requests are kept in parallel numpy arrays (admission order) so that a step costs a few
-vector operations whatever the batch size.
+Running requests are rows of one int64 table (admission order; columns RID .. BLOCKS) so that a
+step costs a few vector operations whatever the batch size.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from lorabench.sim.executor import Step
 from lorabench.sim.memory import AdapterCache, KVCache
 from lorabench.workload import Requests
 
-_FIELDS = ("rid", "adapter", "ctx", "prompt_left", "out_left", "blocks")
+# Columns of the running-request table `Scheduler.state` (one row per running request, admission order).
+RID, ADAPTER, CTX, PROMPT_LEFT, OUT_LEFT, BLOCKS = range(6)
 
 
 @dataclass(frozen=True)
@@ -67,15 +68,17 @@ class Scheduler:
         self._blocked = False  # the last pass stopped at a request that must go first, or a full window
         self.arrived = 0  # requests 0 .. arrived-1 have arrived (ids are in arrival order)
         self.completed = 0
-        self.run = {f: np.zeros(0, dtype=np.int64) for f in _FIELDS}
+        self.state = np.zeros((0, 6), dtype=np.int64)
+        self.prefilling = 0  # running requests still reading their prompt
         self.sync_loads: list[int] = []  # adapters to load before the next step (no prefetch)
         self._ones = np.ones(config.max_num_seqs, dtype=np.int64)
+        self._decoding = np.zeros(config.max_num_seqs, dtype=bool)
 
     # --- state ----------------------------------------------------------------------------
 
     @property
     def num_running(self) -> int:
-        return len(self.run["rid"])
+        return len(self.state)
 
     @property
     def done(self) -> bool:
@@ -113,7 +116,7 @@ class Scheduler:
     def admit(self) -> list[int]:
         """Move waiting requests into the batch. Adapters admitted without being resident (no-prefetch
         strategies) are appended to `sync_loads`; returns the adapters worth prefetching."""
-        cfg, run, cache = self.cfg, self.run, self.cache
+        cfg, cache = self.cfg, self.cache
         seats = cfg.max_num_seqs - self.num_running
         if self.n_waiting == 0 or (seats == 0 and not cfg.prefetch):
             return []
@@ -137,8 +140,9 @@ class Scheduler:
         capped = cfg.max_distinct is not None and self.distinct >= cfg.max_distinct
         if capped:
             candidate &= self.in_use[ad] > 0
-        decode = int((run["prompt_left"] == 0).sum())
-        budget = cfg.max_num_batched_tokens - decode - int(run["prompt_left"].sum())
+        budget = cfg.max_num_batched_tokens - (self.num_running - self.prefilling)
+        if self.prefilling:
+            budget -= int(self.state[:, PROMPT_LEFT].sum())
         blocked = len(ids) == cfg.scan_limit  # requests past the window wait for a change
         admitted: list[tuple] = []
         no_room = False  # a synchronous load found every slot in use: later ones will too
@@ -182,9 +186,8 @@ class Scheduler:
         self._blocked = blocked
         if admitted:
             self.n_waiting -= len(admitted)
-            cols = np.array(admitted, dtype=np.int64).T
-            for f, col in zip(_FIELDS, cols):
-                run[f] = np.concatenate([run[f], col])
+            self.prefilling += len(admitted)
+            self.state = np.concatenate([self.state, np.array(admitted, dtype=np.int64)])
         return to_load
 
     # --- steps ------------------------------------------------------------------------------
@@ -193,49 +196,50 @@ class Scheduler:
         """The next iteration: decode rows take 1 token, prefill rows their prompt (or a chunk).
         Returns the step and, when chunked prefill leaves some rows out this time, the mask of the
         running rows it covers (None: all of them)."""
-        run, cfg = self.run, self.cfg
-        left = run["prompt_left"]
+        st, cfg = self.state, self.cfg
+        ctx, adapters = st[:, CTX], st[:, ADAPTER].copy()
+        if not self.prefilling:
+            n = len(st)
+            return Step(self.strategy, self._ones[:n], ctx + 1, adapters, self._decoding[:n], self.distinct), None
+        left = st[:, PROMPT_LEFT]
         is_prefill = left > 0
-        if cfg.chunked_prefill and is_prefill.any():
-            budget = cfg.max_num_batched_tokens - int((~is_prefill).sum())
+        if cfg.chunked_prefill:
+            budget = cfg.max_num_batched_tokens - (len(st) - self.prefilling)
             before = np.cumsum(left) - left  # prefill tokens of earlier rows (decode rows hold 0)
             chunks = np.clip(budget - before, 0, left)
             tokens = np.where(is_prefill, chunks, 1)
-            # a prefill row with no budget left this step sits it out
-            keep = ~is_prefill | (chunks > 0)
+            keep = ~is_prefill | (chunks > 0)  # a prefill row with no budget left sits this step out
             if not keep.all():
-                tokens, is_prefill = tokens[keep], is_prefill[keep]
-                return Step(self.strategy, tokens, run["ctx"][keep] + tokens, run["adapter"][keep],
-                            is_prefill, self.distinct), keep
+                tokens = tokens[keep]
+                return Step(self.strategy, tokens, ctx[keep] + tokens, adapters[keep], is_prefill[keep],
+                            self.distinct), keep
         else:
-            tokens = np.where(is_prefill, left, 1) if is_prefill.any() else self._ones[: len(left)]
-        return Step(self.strategy, tokens, run["ctx"] + tokens, run["adapter"], is_prefill, self.distinct), None
+            tokens = np.where(is_prefill, left, 1)
+        return Step(self.strategy, tokens, ctx + tokens, adapters, is_prefill, self.distinct), None
 
     def grow_kv(self) -> bool:
         """Preempt policy: give every row the blocks its next token needs, preempting the newest
         rows while memory is short. Returns True when some row was preempted."""
-        run = self.run
         preempted = False
         while self.num_running:
-            target = self.kv.blocks_for(run["ctx"] + np.maximum(run["prompt_left"], 1))
-            need = np.maximum(target - run["blocks"], 0)
+            st = self.state
+            target = self.kv.blocks_for(st[:, CTX] + np.maximum(st[:, PROMPT_LEFT], 1))
+            need = np.maximum(target - st[:, BLOCKS], 0)
             total = int(need.sum())
             if total == 0 or self.kv.alloc(total):
-                run["blocks"] = run["blocks"] + need
+                st[:, BLOCKS] += need
                 return preempted
             self._preempt_last()
             preempted = True
         return preempted
 
     def _preempt_last(self) -> None:
-        run = self.run
-        r, a = int(run["rid"][-1]), int(run["adapter"][-1])
-        generated = int(self.req.output_tokens[r]) - int(run["out_left"][-1])
-        self.generated[r] = generated
-        self.kv.release(int(run["blocks"][-1]))
+        r, a, _, prompt_left, out_left, blocks = self.state[-1].tolist()
+        self.generated[r] = int(self.req.output_tokens[r]) - out_left
+        self.kv.release(blocks)
         self._drop_adapter(a)
-        for f in _FIELDS:
-            run[f] = run[f][:-1]
+        self.prefilling -= prompt_left > 0
+        self.state = self.state[:-1]
         self.pending[r] = True
         self.head = min(self.head, r)
         self.n_waiting += 1
@@ -250,33 +254,33 @@ class Scheduler:
     def complete(self, step: Step, rows, end_s: float, iterations: int = 1) -> None:
         """Apply `iterations` identical iterations of `step` ending at `end_s` (iterations > 1 only
         for decode-only steps in which nobody finishes before the last one)."""
-        run = self.run
-        if rows is not None:  # chunked prefill left some rows out: they do nothing this step
-            tokens = np.zeros(self.num_running, dtype=np.int64)
-            tokens[rows] = step.tokens
-            was_prefill = np.zeros(self.num_running, dtype=bool)
-            was_prefill[rows] = step.is_prefill
+        st = self.state
+        if not self.prefilling:  # decode only: every row gets `iterations` tokens
+            st[:, CTX] += iterations
+            st[:, OUT_LEFT] -= iterations
         else:
-            tokens, was_prefill = step.tokens, step.is_prefill
-        run["ctx"] = run["ctx"] + tokens * iterations
-        emits = tokens > 0
-        if was_prefill.any():
-            run["prompt_left"] = run["prompt_left"] - np.where(was_prefill, tokens, 0)
-            emits = emits & ((~was_prefill) | (run["prompt_left"] == 0))
-            firsts = run["rid"][was_prefill & (run["prompt_left"] == 0)]
-            fresh = firsts[np.isnan(self.first_token_s[firsts])]
-            self.first_token_s[fresh] = end_s
-        run["out_left"] = run["out_left"] - emits * iterations
-        done = run["out_left"] <= 0
-        if was_prefill.any() or done.any():
-            self.epoch += 1  # token budget or seats freed
-        if done.any():
-            rids = run["rid"][done]
-            self.finish_s[rids] = end_s
-            self.completed += len(rids)
-            self.kv.release(int(run["blocks"][done].sum()))
-            for a in run["adapter"][done].tolist():
-                self._drop_adapter(a)
-            keep = ~done
-            for f in _FIELDS:
-                run[f] = run[f][keep]
+            if rows is not None:  # chunked prefill left some rows out: they do nothing this step
+                tokens = np.zeros(len(st), dtype=np.int64)
+                tokens[rows] = step.tokens
+            else:
+                tokens = step.tokens
+            was_prefill = st[:, PROMPT_LEFT] > 0
+            st[:, CTX] += tokens
+            st[:, PROMPT_LEFT] -= np.where(was_prefill, tokens, 0)
+            prefilled = was_prefill & (st[:, PROMPT_LEFT] == 0)  # read its prompt: emits a token
+            st[:, OUT_LEFT] -= ((tokens > 0) & ~was_prefill) | prefilled
+            firsts = st[prefilled, RID]
+            self.first_token_s[firsts[np.isnan(self.first_token_s[firsts])]] = end_s
+            self.prefilling -= int(prefilled.sum())
+            self.epoch += 1  # prefills done: token budget changed
+        done = st[:, OUT_LEFT] <= 0
+        if not done.any():
+            return
+        finished = st[done]
+        self.finish_s[finished[:, RID]] = end_s
+        self.completed += len(finished)
+        self.kv.release(int(finished[:, BLOCKS].sum()))
+        for a in finished[:, ADAPTER].tolist():
+            self._drop_adapter(a)
+        self.state = st[~done]
+        self.epoch += 1
