@@ -1,36 +1,34 @@
-"""Simulator speed: wall time of one modeled run (every strategy on the same stream).
+"""Simulator speed (pytest-benchmark; not part of the test suite).
 
-extra_info["simulated_requests_per_s"] is requests x strategies simulated per second of wall time,
-the figure to watch; pytest-benchmark's own statistics are of the whole run.
+    python -m pytest benchmarks/test_bench_sim.py --benchmark-only
+
+The issue's bar: a modeled run of 100,000 requests over 1,024 adapters for all strategies in <= 60 s
+on a 2-core machine. Set LORABENCH_BENCH_REQUESTS to run a smaller stream (CI does).
+extra_info["simulated_requests_per_s"]: requests x strategies simulated per second of wall time.
 """
 
-from __future__ import annotations
-
+import os
 import time
 
 import pytest
 
 from lorabench.runner import RunConfig, run_experiment
 
-REQUESTS = 2000
+REQUESTS = int(os.environ.get("LORABENCH_BENCH_REQUESTS", "100000"))
 
 
-@pytest.mark.parametrize("n_loras", [16, 1024])
-def test_modeled_run(benchmark, n_loras):
-    config = RunConfig(workload="zipf", n_loras=n_loras, requests=REQUESTS, seed=0, model="mistral-7b",
-                       device="h200", executor="modeled")
-    walls: list[float] = []
+@pytest.mark.parametrize("n_loras", [1024, 16])
+def test_modeled_run_all_strategies(benchmark, n_loras):
+    config = RunConfig(workload="zipf", n_loras=n_loras, requests=REQUESTS)
+    walls = []
 
-    def one_run():
+    def run():
         start = time.perf_counter()
         summary = run_experiment(config, progress=False)
         walls.append(time.perf_counter() - start)
         return summary
 
-    summary = benchmark.pedantic(one_run, rounds=3, iterations=1, warmup_rounds=0)
-    assert (summary["status"] == "ok").any()
-    simulated = REQUESTS * len(summary)
-    benchmark.extra_info.update(
-        n_loras=n_loras, requests=REQUESTS, strategies=len(summary),
-        simulated_requests_per_s=simulated / min(walls),
-    )
+    summary = benchmark.pedantic(run, rounds=1, iterations=1)
+    assert (summary["status"] == "ok").all() and (summary["requests"] == REQUESTS).all()
+    benchmark.extra_info.update(n_loras=n_loras, requests=REQUESTS, strategies=len(summary),
+                                simulated_requests_per_s=REQUESTS * len(summary) / min(walls))
