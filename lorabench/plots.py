@@ -99,15 +99,19 @@ def relative_to_single(table: pd.DataFrame) -> pd.DataFrame:
     return rel
 
 
+def lines_per_strategy(ax: plt.Axes, rows: pd.DataFrame, column: str, style: str = "o-", suffix: str = "") -> None:
+    """One line of `column` against n_loras per strategy, in the strategy's colour."""
+    for s in strategies_in(rows):
+        mine = rows[rows["strategy"] == s].sort_values("n_loras")
+        ax.plot(mine["n_loras"], mine[column], style, color=strategy_color(s), label=s + suffix)
+
+
 # --- chart kinds (each returns a Figure) --------------------------------------------------------
 
 
 def plot_throughput(table: pd.DataFrame) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ok = ok_rows(table)
-    for s in strategies_in(table):
-        rows = ok[ok["strategy"] == s].sort_values("n_loras")
-        ax.plot(rows["n_loras"], rows["output_throughput"], "o-", color=strategy_color(s), label=s)
+    lines_per_strategy(ax, ok_rows(table), "output_throughput")
     log2_n_axis(ax, table)
     ax.set_ylabel("output throughput (tokens/s)")
     ax.set_ylim(bottom=0)
@@ -120,9 +124,7 @@ def plot_throughput(table: pd.DataFrame) -> plt.Figure:
 def plot_relative(table: pd.DataFrame) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rel = relative_to_single(table)
-    for s in strategies_in(rel):
-        rows = rel[rel["strategy"] == s].sort_values("n_loras")
-        ax.plot(rows["n_loras"], rows["relative"], "o-", color=strategy_color(s), label=s)
+    lines_per_strategy(ax, rel, "relative")
     ax.axhline(PAPER_HEADLINE, color="grey", linestyle="--", linewidth=1,
                label="0.8: paper's headline\n(compressed, >1,000 adapters)")
     log2_n_axis(ax, table)
@@ -138,11 +140,8 @@ def plot_latency(table: pd.DataFrame) -> plt.Figure:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     ok = ok_rows(table)
     for ax, metric, label in ((axes[0], "ttft", "time to first token"), (axes[1], "tpot", "time per output token")):
-        for s in strategies_in(table):
-            rows = ok[ok["strategy"] == s].sort_values("n_loras")
-            for q, style in (("p50", "o-"), ("p99", "s--")):
-                ax.plot(rows["n_loras"], rows[f"{metric}_{q}_ms"], style, color=strategy_color(s),
-                        label=f"{s} {q}")
+        for q, style in (("p50", "o-"), ("p99", "s--")):
+            lines_per_strategy(ax, ok, f"{metric}_{q}_ms", style, suffix=f" {q}")
         log2_n_axis(ax, table)
         values = ok[[f"{metric}_p50_ms", f"{metric}_p99_ms"]].to_numpy(dtype=float)
         if values.size and np.nanmin(values) > 0 and np.nanmax(values) / np.nanmin(values) > 30:
