@@ -134,6 +134,20 @@ def test_a_point_that_cannot_run_is_recorded_with_its_reason(tmp_path, monkeypat
     assert "refused for the test" in point["status"]
 
 
+def test_strategies_that_do_not_fit_keep_their_rows(tmp_path):
+    # a small GPU budget: every strategy fits one adapter; per-lora and compressed cannot hold 4,096
+    out = tmp_path / "sweep"
+    assert cli_main(["sweep", "--n-loras", "1,4096", "--requests", "30", "--seed", "1", "--device", "l40s",
+                     "--gpu-memory-utilization", "0.36", "--out", str(out), "--no-progress"]) == 0
+    table, _ = read_sweep(out)
+    assert len(table) == 8 and (table[table["n_loras"] == 1]["status"] == "ok").all()
+    big = table[table["n_loras"] == 4096].set_index("strategy")
+    for strategy in ("per-lora", "compressed"):
+        assert big.loc[strategy, "status"].startswith("adapters do not fit")
+        assert np.isnan(big.loc[strategy, "output_throughput"])
+    assert big.loc["single", "status"] == "ok"
+
+
 def test_parallel_jobs_give_the_same_table(tmp_path):
     serial = run_sweep(small_config(), [1, 4], tmp_path / "serial", progress=False)
     parallel = run_sweep(small_config(), [1, 4], tmp_path / "parallel", jobs=2, progress=False)
