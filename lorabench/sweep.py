@@ -181,6 +181,7 @@ def run_sweep(
     if jobs < 1:
         raise LorabenchError(f"--jobs {jobs}: must be >= 1")
     out = Path(out)
+    base.load_workload()  # a bad workload file is the user's error, not a point that cannot run
     wanted_sweep = sweep_config_dict(base, n_loras)
     check_same_sweep(out, wanted_sweep)
     out.mkdir(parents=True, exist_ok=True)

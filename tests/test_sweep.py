@@ -160,6 +160,12 @@ def test_bad_grid_is_refused(text):
         parse_n_loras(text)
 
 
+def test_unknown_workload_fails_before_any_point(tmp_path, capsys):
+    assert cli_main(["sweep", "--workload", "no-such-workload", "--n-loras", "1,2", "--out", str(tmp_path / "s")]) == 2
+    assert "no-such-workload" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
 def test_bad_grid_on_the_command_line_exits_2(tmp_path, capsys):
     assert cli_main(["sweep", "--n-loras", "0,2", "--out", str(tmp_path / "s")]) == 2
     assert "--n-loras" in capsys.readouterr().err
