@@ -74,6 +74,9 @@ def check_same_sweep(out: Path, wanted: dict) -> None:
     """Refuse to mix two different sweeps in one folder. Adding points to the grid is allowed."""
     path = out / "config.json"
     if not path.exists():
+        if out.is_dir() and any(out.iterdir()):
+            raise LorabenchError(f"--out {out}: a folder with other files and no sweep config.json; "
+                                 "choose a new folder")
         return
     try:
         stored = json.loads(path.read_text())["run"]

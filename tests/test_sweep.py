@@ -117,6 +117,13 @@ def test_changed_config_in_the_same_folder_is_a_clear_error(tmp_path):
         run_sweep(small_config(seed=4), [1], out, progress=False)
 
 
+def test_a_folder_that_is_not_a_sweep_is_not_written_into(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(LorabenchError, match="no sweep config.json"):
+        run_sweep(small_config(), [1], tmp_path, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_a_point_that_cannot_run_is_recorded_with_its_reason(tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     CountingRuns(monkeypatch, refuse={2})
