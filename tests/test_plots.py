@@ -229,3 +229,19 @@ def test_auto_clusters_are_read_from_the_modules_choices(tmp_path):
     (folder / "metadata.json").unlink()
     with pytest.raises(LorabenchError, match="metadata.json: clusters 'auto'"):
         read_compression(tmp_path / "c")
+
+
+def test_compression_chart_reads_real_compress_outputs(tmp_path):
+    adapters = tmp_path / "adapters"
+    assert cli_main(["adapters", "synth", "--n", "8", "--rank", "4", "--clusters", "2", "--layers", "1",
+                     "--modules", "q_proj", "--out", str(adapters)]) == 0
+    runs = tmp_path / "compress"
+    for rank, clusters in ((2, 1), (4, 1), (4, 2)):
+        assert cli_main(["compress", str(adapters), "--rank", str(rank), "--clusters", str(clusters), "--max-iter", "5",
+                         "--quiet", "--out", str(runs / f"r{rank}-k{clusters}")]) == 0
+    table = read_compression(runs).sort_values(["clusters", "rank"])
+    assert table[["rank", "clusters"]].values.tolist() == [[2, 1], [4, 1], [4, 2]]
+    fig = plot_compression(table)
+    for (method, k), rows in table.groupby(["method", "clusters"]):
+        expected = [json.loads((runs / f"r{r}-k{k}" / "summary.json").read_text())["mean_error"] for r in rows["rank"]]
+        np.testing.assert_allclose(line(fig.axes[0], f"{method}, clusters {k} (mean)").get_ydata(), expected)
