@@ -63,6 +63,12 @@ def test_gamma_gaps_have_the_right_mean_and_burstiness(shape):
     assert abs(gaps.var() - var) < 4 * np.sqrt((fourth - var**2) / n)
     # and the gaps follow that gamma law
     assert stats.kstest(gaps, stats.gamma(shape, scale=mean / shape).cdf).pvalue > 1e-3
+    # counts in windows of W seconds: a renewal process has mean rate W and variance ~ rate W CV^2
+    window = 10.0
+    counts = np.bincount((t[t < window * np.floor(t[-1] / window)] / window).astype(int))
+    m, cv2 = len(counts), 1 / shape
+    assert abs(counts.mean() - rate * window) < 4 * np.sqrt(rate * window * cv2 / m)
+    assert abs(counts.var() / (rate * window * cv2) - 1) < 4 * np.sqrt(2 / (m - 1)) + 0.05
 
 
 def test_constant_and_offline_arrivals():
