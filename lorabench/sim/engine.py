@@ -169,17 +169,18 @@ class Replica:
                 f"request {r} (prompt {int(s.req.prompt_tokens[r])}, output {int(s.req.output_tokens[r])} tokens) "
                 f"can never be admitted: KV cache {self.kv.capacity_blocks()} blocks of {self.kv.block_size} tokens"
             )
-        self.wake = env.event()
-        waits = [self.wake] if self.inflight else []
-        if np.isfinite(nxt):
-            waits.append(env.timeout(max(nxt - env.now, 0.0)))
         start = env.now
-        yield env.any_of(waits)
+        stalled = s.n_waiting > 0 and self.inflight > 0  # idle only because adapters are on their way
+        if self.inflight:  # a landing load may let a waiting request in before the next arrival
+            self.wake = env.event()
+            yield env.any_of([self.wake, env.timeout(nxt - start)] if np.isfinite(nxt) else [self.wake])
+            self.wake = None
+        else:
+            yield env.timeout(nxt - start)
+        if stalled:
+            self.load_stall_s += env.now - start
         if env.now >= nxt - 1e-9:  # woken for that arrival: take it even if float rounding fell short
             s.take_arrivals(nxt)
-        if s.n_waiting and self.inflight:  # idle only because adapters are still on their way
-            self.load_stall_s += env.now - start
-        self.wake = None
 
     def _iterations(self, step: Step, rows) -> tuple[int, float]:
         """How many identical decode iterations to apply at once, and their total duration."""

@@ -258,21 +258,29 @@ class Scheduler:
         if not self.prefilling:  # decode only: every row gets `iterations` tokens
             st[:, CTX] += iterations
             st[:, OUT_LEFT] -= iterations
+            return self._finish(end_s)
+        if not self.cfg.chunked_prefill:  # prefill rows read their whole prompt: every row emits a token
+            firsts = st[st[:, PROMPT_LEFT] > 0, RID]
+            st[:, CTX] += step.tokens
+            st[:, PROMPT_LEFT] = 0
+            st[:, OUT_LEFT] -= 1
         else:
-            if rows is not None:  # chunked prefill left some rows out: they do nothing this step
-                tokens = np.zeros(len(st), dtype=np.int64)
-                tokens[rows] = step.tokens
-            else:
-                tokens = step.tokens
+            tokens = np.zeros(len(st), dtype=np.int64)
+            tokens[rows if rows is not None else slice(None)] = step.tokens  # rows left out do nothing
             was_prefill = st[:, PROMPT_LEFT] > 0
             st[:, CTX] += tokens
             st[:, PROMPT_LEFT] -= np.where(was_prefill, tokens, 0)
             prefilled = was_prefill & (st[:, PROMPT_LEFT] == 0)  # read its prompt: emits a token
             st[:, OUT_LEFT] -= ((tokens > 0) & ~was_prefill) | prefilled
             firsts = st[prefilled, RID]
-            self.first_token_s[firsts[np.isnan(self.first_token_s[firsts])]] = end_s
-            self.prefilling -= int(prefilled.sum())
-            self.epoch += 1  # prefills done: token budget changed
+        self.first_token_s[firsts[np.isnan(self.first_token_s[firsts])]] = end_s  # not again after a preemption
+        self.prefilling -= len(firsts)
+        self.epoch += 1  # prefills done: the token budget changed
+        self._finish(end_s)
+
+    def _finish(self, end_s: float) -> None:
+        """Retire the requests that generated their last token."""
+        st = self.state
         done = st[:, OUT_LEFT] <= 0
         if not done.any():
             return
