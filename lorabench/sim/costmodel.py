@@ -17,12 +17,13 @@ LoRA adds, per target module:
 
 `Efficiency` holds every factor and LoRA fixed cost; a base-model kernel's fixed cost is the device's
 `launch_overhead_s`. The defaults are calibrated on the H200 figures of anchors.md (torch 2.11, CUDA
-graphs): the base layer's decode time at batch 1/16/64/256 (163.7 / 169.2 / 200.4 / 344.7 us; the
-model gives 165 / 173 / 200 / 354; with single LoRA 210 / 219 / 247 / 405 against 207 / 215 / 246 / 392), the single-LoRA kernels (12.8 us at M = 1, 20.4 us at M = 1024), and the
-vLLM multi-LoRA kernels (a least-squares fit of the 13 rows: 14.1 + 0.36 D + 0.0059 M + 0.0007 D M
-us specialized, plus ~0.07 (1 + M / 256) us per unused slot with the default grid). A measured
-profile (`lorabench profile`, issue 5) replaces any of them: `apply_profile` takes the fields a
-profile JSON names ({"device": {...}, "efficiency": {...}}) and keeps the rest.
+graphs): a decoder layer's decode step at batch 1/16/64/256 (measured 163.7 / 169.2 / 200.4 / 344.7 us,
+modeled 165 / 173 / 200 / 354; with single LoRA 207 / 215 / 246 / 392 measured, 210 / 219 / 247 / 405
+modeled), the single-LoRA kernels (12.8 us at M = 1, 20.4 us at M = 1024) and the vLLM multi-LoRA
+kernels (a least-squares fit of the 13 rows: 14.1 + 0.36 D + 0.0059 M + 0.0007 D M us with the grid
+sized to the distinct adapters, plus ~0.07 (1 + M / 256) us per unused slot with vLLM's default grid).
+A measured profile (`lorabench profile`, issue 5) replaces any of them: `apply_profile` takes the
+fields a profile JSON names ({"device": {...}, "efficiency": {...}}) and keeps the rest.
 """
 
 from __future__ import annotations
