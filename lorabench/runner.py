@@ -213,6 +213,8 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, progres
     """Serve the workload with every strategy of `config`; return the summary (one row per strategy).
 
     With `out_dir`, also writes the run folder there atomically (it must not exist yet)."""
+    if out_dir is not None and Path(out_dir).exists():
+        raise LorabenchError(f"out_dir {out_dir}: already exists; choose a new folder")
     exp = Experiment.build(config)
     slo = SLO(config.ttft_slo_ms, config.tpot_slo_ms)
     rows, frames = [], {}

@@ -63,7 +63,6 @@ def small_config(**kw) -> RunConfig:
 
 
 def check_conservation(exp: Experiment, name: str, chunked: bool = False):
-    model_exec = None
     rec = Recorder(ConstantExecutor(0.002, 0.0005))
     result = exp.serve(name, executor=rec)
     r = exp.requests
@@ -86,7 +85,6 @@ def check_conservation(exp: Experiment, name: str, chunked: bool = False):
     assert steps["batch_size"].max() <= exp.config.max_num_seqs
     if result.plan.max_distinct is not None:
         assert steps["distinct_adapters"].max() <= result.plan.max_distinct
-    del model_exec
     return result, rec
 
 

@@ -11,7 +11,7 @@ record; each iteration still gets its own executor call, with the context grown 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import simpy
@@ -49,7 +49,6 @@ class RunResult:
     peak_total_bytes: int = 0  # weights + KV + adapters
     kv_capacity_bytes: int = 0
     preemptions: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Replica:
