@@ -74,8 +74,8 @@ def check_conservation(exp: Experiment, name: str, chunked: bool = False):
         assert rec.prefill_tokens == r.prompt_tokens.sum()
     if not chunked:
         assert rec.decode_tokens + rec.prefill_rows == r.output_tokens.sum()
-    else:
-        assert rec.decode_tokens + len(r) + result.preemptions >= r.output_tokens.sum()
+    else:  # each finished prefill emits one token: once per request, again after a preemption
+        assert len(r) <= r.output_tokens.sum() - rec.decode_tokens <= len(r) + result.preemptions
     steps = result.steps
     assert steps["tokens"].sum() == rec.prefill_tokens + rec.decode_tokens
     assert steps["iterations"].sum() == rec.steps
@@ -110,6 +110,9 @@ def test_preemption_when_kv_runs_out():
     assert result.preemptions > 0
     reserved, _ = check_conservation(Experiment.build(dataclasses.replace(cfg, kv_policy="reserve")), "single")
     assert reserved.preemptions == 0
+    chunked = dataclasses.replace(cfg, chunked_prefill=True, max_num_batched_tokens=300)
+    result, _ = check_conservation(Experiment.build(chunked), "paged", chunked=True)
+    assert result.preemptions > 0
 
 
 @pytest.mark.parametrize("name", ["per-lora", "paged"])
