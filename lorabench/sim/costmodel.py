@@ -180,7 +180,10 @@ class ModeledExecutor:
         """LoRA time of one layer (all target modules)."""
         m, strategy = step.num_tokens, self.lora.strategy
         if strategy == "compressed":
-            present = 1 if self._n_clusters == 1 else len(np.unique(self.lora.clusters[step.adapters]))
+            present = 1
+            if self._n_clusters > 1:  # clusters the batch touches
+                touched = np.bincount(self.lora.clusters[step.adapters], minlength=self._n_clusters)
+                present = int(np.count_nonzero(touched))
             key = (m, present, step.distinct_adapters)
             if key not in self._memo:
                 self._memo[key] = self._compressed(m, present, step.distinct_adapters)
