@@ -29,11 +29,12 @@ def rank_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a rank or a comma list of ranks like 8,16,32,64, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a rank or a comma list like 8,16,32,64, got {text!r}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workload", default="zipf", help=f"shipped workload ({', '.join(builtin_workloads())}) or a .toml path")
+    p.add_argument("--workload", default="zipf",
+                   help=f"shipped workload ({', '.join(builtin_workloads())}) or a .toml path")
     p.add_argument("--n-loras", type=int, help="number of adapters (overrides the workload)")
     p.add_argument("--strategy", default="all", help="all, or a comma list of single,per-lora,paged,compressed "
                    "(single always runs: it is the baseline)")

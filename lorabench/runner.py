@@ -182,8 +182,9 @@ class Experiment:
         strategy's adapter memory (matched memory, as the paper compared)."""
         compressed = self.strategy("compressed")
         cfg = self.config
+        matched = compressed.shared_bytes + compressed.total_adapter_bytes
         return plan_memory(strategy, self.model.params * 2, self.device.memory_bytes, cfg.gpu_memory_utilization,
-                           self.workload.n_loras, cfg.max_loras, compressed.shared_bytes + compressed.total_adapter_bytes)
+                           self.workload.n_loras, cfg.max_loras, matched)
 
     def serve(self, name: str, executor: Executor | None = None, progress=None) -> RunResult:
         """Run strategy `name` on the request stream. `executor` replaces the configured one.

@@ -61,7 +61,8 @@ def _replace_fields(obj, values: dict, where: str):
     names = {f.name for f in dataclasses.fields(obj)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise LorabenchError(f"{where}: unknown field(s) {', '.join(unknown)}; expected among {', '.join(sorted(names))}")
+        raise LorabenchError(
+            f"{where}: unknown field(s) {', '.join(unknown)}; expected among {', '.join(sorted(names))}")
     for key, value in values.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise LorabenchError(f"{where}: field {key} must be a non-negative number, got {value!r}")
@@ -220,8 +221,10 @@ class ModeledExecutor:
         e, b = self.eff, self.dtype_bytes
         total = 0.0
         for d_in, d_out in self._modules:
+            # shrink reads x and the A of every segment; expand reads the B's and adds into y
             shrink = self._kernel(2.0 * m * d_in * rank, b * (rank_sum * d_in + m * (d_in + rank)), e.lora_kernel_s)
-            expand = self._kernel(2.0 * m * rank * d_out, b * (rank_sum * d_out + m * (rank + 2 * d_out)), e.lora_kernel_s)
+            expand = self._kernel(2.0 * m * rank * d_out, b * (rank_sum * d_out + m * (rank + 2 * d_out)),
+                                  e.lora_kernel_s)
             grid = segments * (e.lora_segment_s + m * e.lora_segment_token_s)
             if strategy == "per-lora":
                 unused = max(self.lora.resident_slots + 1 - segments, 0)

@@ -11,6 +11,7 @@ record; each iteration still gets its own executor call, with the context grown 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,7 +71,7 @@ class Replica:
         preloaded = range(plan.slots) if plan.preload else ()
         self.cache = AdapterCache(adapter_pool, strategy, self.in_use, host_slots, preloaded)
         self.kv = KVCache(kv_pool, config.block_size, kv_bytes_per_token, self.cache if strategy.shared_pool else None)
-        config = SchedulerConfig(**{**config.__dict__, "max_distinct": plan.max_distinct, "prefetch": strategy.prefetch})
+        config = dataclasses.replace(config, max_distinct=plan.max_distinct, prefetch=strategy.prefetch)
         self.cfg = config
         self.sched = Scheduler(self.requests, adapters, config, self.cache, self.kv, self.in_use, strategy.name)
         self.link_free_s = 0.0  # when the host->GPU link finishes its queued copies

@@ -77,7 +77,8 @@ def plan_memory(strategy: Strategy, weights: int, device_bytes: int, utilization
         slots = max_loras if max_loras is not None else min(n_loras, max(1, matched_adapter_bytes // slot))
         need = slots * slot
         if need >= budget:
-            return fail(f"adapters do not fit: {slots} slots x {slot / 2**20:.1f} MiB exceed the {budget / 2**30:.1f} GiB budget")
+            return fail(f"adapters do not fit: {slots} slots x {slot / 2**20:.1f} MiB exceed the "
+                        f"{budget / 2**30:.1f} GiB budget")
         return MemoryPlan(budget, weights, 0, need, budget - need, slots, slots, False)
     # compressed
     shared = strategy.shared_bytes
