@@ -66,7 +66,10 @@ def plan_memory(strategy: Strategy, weights: int, device_bytes: int, utilization
     """
     budget = int(device_bytes * utilization) - weights
     slot = int(strategy.adapter_bytes.max())
-    fail = lambda why: MemoryPlan(budget, weights, 0, 0, 0, None, 0, False, why)  # noqa: E731
+
+    def fail(why: str) -> MemoryPlan:
+        return MemoryPlan(budget, weights, 0, 0, 0, None, 0, False, why)
+
     if budget <= 0:
         return fail(f"base weights ({weights / 2**30:.1f} GiB) do not fit in {utilization:.0%} of the device")
     if strategy.name == "single":
