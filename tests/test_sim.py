@@ -223,3 +223,22 @@ def test_modeled_offline_ordering_matches_the_published_one():
     ratio = s.set_index("strategy")["throughput_vs_single"]
     assert 0.7 <= ratio["compressed"] <= 1.0
     assert ratio["per-lora"] < ratio["compressed"] - 0.1
+
+
+def test_every_strategy_gets_the_same_memory_budget():
+    exp = Experiment.build(RunConfig(n_loras=1024, requests=10))
+    model = exp.model
+    budget = int(exp.device.memory_bytes * 0.9) - model.params * 2
+    compressed = exp.strategy("compressed")
+    r, layers = 64, model.layers
+    bases = exp.workload.adapters.clusters * layers * sum(r * (d_in + d_out) for d_in, d_out in (
+        model.module_shape(m) for m in ("q_proj", "k_proj", "v_proj", "o_proj"))) * 2
+    assert compressed.shared_bytes == bases and compressed.total_adapter_bytes == 1024 * layers * 4 * r * r * 2
+    for name in ("single", "per-lora", "paged", "compressed"):
+        plan = exp.plan(exp.strategy(name))
+        assert plan.status == "ok" and plan.budget == budget
+        used = plan.adapter_capacity if name == "paged" else plan.shared_bytes + plan.adapter_capacity + plan.kv_capacity
+        assert used == budget
+    per_lora = exp.plan(exp.strategy("per-lora"))
+    one = model.lora_params(16) * 2  # bytes of one rank-16 adapter
+    assert per_lora.slots == (bases + 1024 * layers * 4 * r * r * 2) // one == per_lora.max_distinct
