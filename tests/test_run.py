@@ -60,6 +60,11 @@ def test_profile_replaces_device_and_efficiency(tmp_path):
     slow = run_experiment(RunConfig(n_loras=16, requests=60, strategies=("single",), profile=str(profile)),
                           progress=False)
     assert slow.loc[0, "tpot_mean_ms"] > 1.5 * base.loc[0, "tpot_mean_ms"]
+    profile.write_text(json.dumps({"efficiency": {"step_scale": 2.0}}))
+    doubled = run_experiment(RunConfig(n_loras=16, requests=60, strategies=("single",), rate=1.0,
+                                       profile=str(profile)), progress=False)
+    once = run_experiment(RunConfig(n_loras=16, requests=60, strategies=("single",), rate=1.0), progress=False)
+    assert doubled.loc[0, "tpot_mean_ms"] == pytest.approx(2 * once.loc[0, "tpot_mean_ms"], rel=0.02)
     profile.write_text(json.dumps({"efficiency": {"speed": 2}}))
     with pytest.raises(Exception, match="p.json: efficiency: unknown field.*speed"):
         run_experiment(RunConfig(n_loras=16, requests=60, profile=str(profile)), progress=False)

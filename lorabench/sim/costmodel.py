@@ -23,7 +23,8 @@ modeled), the single-LoRA kernels (12.8 us at M = 1, 20.4 us at M = 1024) and th
 kernels (a least-squares fit of the 13 rows: 14.1 + 0.36 D + 0.0059 M + 0.0007 D M us with the grid
 sized to the distinct adapters, plus ~0.07 (1 + M / 256) us per unused slot with vLLM's default grid).
 A measured profile (`lorabench profile`, issue 5) replaces any of them: `apply_profile` takes the
-fields a profile JSON names ({"device": {...}, "efficiency": {...}}) and keeps the rest.
+fields a profile JSON names ({"device": {...}, "efficiency": {...}}) and keeps the rest; its
+`step_scale` / `load_scale` multiply every modeled step / load (a measured-over-modeled fit).
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class Efficiency:
     lora_empty_slot_s: float = 0.07e-6  # per-lora default grid: per unused resident slot per module
     paged_gather: float = 1.10  # paged kernels vs per-lora ones (page-table gather); assumed, not measured
     step_overhead_s: float = 0.0  # host-side scheduling and sampling per step (CUDA graphs: ~0)
+    # Overall corrections a profile may fit (measured / modeled), applied to every step and load.
+    step_scale: float = 1.0
+    load_scale: float = 1.0
 
 
 def _replace_fields(obj, values: dict, where: str):
@@ -240,8 +244,8 @@ class ModeledExecutor:
     def step(self, step: Step) -> float:
         if step.batch_size == 0:
             return 0.0
-        per_layer = self._attention(step) + self._lora(step)
-        return self._dense_part(step.num_tokens, step.batch_size) + self.model.layers * per_layer
+        layers = self.model.layers * (self._attention(step) + self._lora(step))
+        return (self._dense_part(step.num_tokens, step.batch_size) + layers) * self.eff.step_scale
 
     def load(self, nbytes: int, copies: int = 1) -> float:
-        return nbytes / self.device.host_link_bandwidth + copies * self.device.copy_latency_s
+        return (nbytes / self.device.host_link_bandwidth + copies * self.device.copy_latency_s) * self.eff.load_scale
