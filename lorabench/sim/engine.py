@@ -217,7 +217,7 @@ class Replica:
         self.env.process(self._process())
         self.env.run()
         s = self.sched
-        hit = 1.0 - s.missed.mean() if len(s.missed) else float("nan")
+        hit = 1.0 - s.misses / s.admissions if s.admissions else float("nan")
         return RunResult(
             strategy=self.strategy.name, requests=self.requests,
             first_token_s=s.first_token_s, finish_s=s.finish_s,

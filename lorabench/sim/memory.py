@@ -109,6 +109,7 @@ class AdapterCache:
         n = len(strategy.adapter_bytes)
         self.resident = np.zeros(n, dtype=bool)
         self.loading = np.zeros(n, dtype=bool)  # resident but its copy has not landed yet
+        self.fresh = np.zeros(n, dtype=bool)  # copied in and not used by an admitted request yet
         self.host: OrderedDict[int, None] | None = None if host_slots is None else OrderedDict()
         self.host_slots = host_slots
         self.used = 0
@@ -142,6 +143,7 @@ class AdapterCache:
             return False
         self._place(a)
         self.loading[a] = True
+        self.fresh[a] = True
         return True
 
     def loaded(self, a: int) -> None:
