@@ -120,7 +120,8 @@ def test_each_adapter_loaded_once_when_all_fit(name):
     exp = Experiment.build(small_config(max_loras=40))
     result = exp.serve(name, executor=ConstantExecutor(0.002, 0.001))
     assert result.adapter_loads == len(np.unique(exp.requests.adapter))
-    assert result.adapter_hit_rate == pytest.approx(1 - result.adapter_loads / len(exp.requests), abs=0.1)
+    # every load served the request that needed it; every later request found its adapter resident
+    assert result.adapter_hit_rate == pytest.approx(1 - result.adapter_loads / len(exp.requests))
 
 
 def test_few_slots_cause_reloads_and_stalls():
