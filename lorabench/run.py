@@ -125,7 +125,8 @@ def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
         "one adapter); TTFT: time to first token; TPOT: time per output token after the first; goodput:",
         f"requests/s meeting TTFT <= {config.ttft_slo_ms:g} ms and TPOT <= {config.tpot_slo_ms:g} ms; loads: "
         "host->GPU adapter copies; hit rate:",
-        "requests whose adapter was already on the GPU; batch, distinct: mean requests and adapters per step.",
+        "requests that found their adapter on the GPU (no copy made for them); batch, distinct: mean",
+        "requests and distinct adapters per step.",
         "Below saturation every strategy finishes the same work and differs in latency; --workload offline",
         "measures peak throughput.",
         f"Results: {out}/ (summary.csv, requests/, steps/, config.json)",
