@@ -112,6 +112,7 @@ def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
     first = summary.iloc[0]
     exp = Experiment.build(config)
     plan = exp.plan(exp.strategy("per-lora"))
+    ad = exp.workload.adapters
     kind = ("MODELED figures (a roofline cost model of the device, not a measurement)" if config.executor == "modeled"
             else "MEASURED step times")
     lines = [
@@ -120,7 +121,8 @@ def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
         f"Every strategy had the same GPU budget for adapters + KV cache: {plan.budget / 2**30:.1f} GiB "
         f"({config.gpu_memory_utilization:g} x device memory - {plan.weights / 2**30:.1f} GiB of weights);",
         f"per-lora got {plan.slots} adapter slots (= distinct adapters per batch), "
-        + ("as --max-loras set." if config.max_loras else "as many as fit in the memory compressed adapters take."),
+        + ("as --max-loras set." if config.max_loras else "as many as fit in the memory compressed adapters take")
+        + f"; compressed shares rank-{ad.compressed_rank} bases over {ad.clusters} cluster(s).",
         "tok/s: output tokens per second; vs single: that over the single-LoRA baseline (every request on",
         "one adapter); TTFT: time to first token; TPOT: time per output token after the first; goodput:",
         f"requests/s meeting TTFT <= {config.ttft_slo_ms:g} ms and TPOT <= {config.tpot_slo_ms:g} ms; loads: "
