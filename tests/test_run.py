@@ -1,6 +1,7 @@
 """`lorabench run` end to end, its run folder, config reload and its errors."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -86,3 +87,12 @@ def test_bad_flags_give_one_clear_error(tmp_path, capsys, argv, words):
     assert code == 2 and "Traceback" not in err
     for word in words:
         assert word in err
+
+
+def test_default_folder_is_under_results(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # two runs in the same second get two folders
+        assert main(["run", "--requests", "20", "--n-loras", "8", "--strategy", "compressed", "--no-progress"]) == 0
+    folders = sorted((tmp_path / "results").iterdir())
+    assert len(folders) == 2 and all(re.fullmatch(r"\d{8}-\d{6}-zipf-8(-\d+)?", f.name) for f in folders)
+    assert all((f / "summary.csv").exists() and (f / "requests" / "compressed.csv").exists() for f in folders)
