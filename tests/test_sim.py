@@ -252,6 +252,7 @@ def test_packed_adapters_save_the_per_copy_latency():
         exp = Experiment.build(dataclasses.replace(cfg, packed_adapters=packed))
         strategy = exp.strategy("per-lora")
         lora = LoraSetup("per-lora", exp.ranks, ("q_proj", "k_proj", "v_proj", "o_proj"), resident_slots=4)
-        load = ModeledExecutor(exp.model, exp.device, lora).load(int(strategy.load_bytes[0]), strategy.copies_per_load)
+        executor = ModeledExecutor(exp.model, exp.device, lora)
+        load = executor.load(int(strategy.load_bytes[0]), strategy.copies_per_load)
         assert int(strategy.load_bytes[0]) == 27_262_976  # 27.3 MB: rank 16 on q, k, v, o of 32 layers, bf16
         assert load * 1e3 == pytest.approx(want_ms, rel=0.1)
