@@ -21,6 +21,8 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_RANK = 128
 # Split-K aims at about this many programs for the shrink, enough to fill an H100/H200 twice.
 TARGET_PROGRAMS = 512
+# Register tiles of this many elements or more run with 8 warps instead of 4.
+MAX_TILE = 4096
 # Bytes of split-K partial sums the expand may re-read (from L2) before fewer splits pay off.
 MAX_PARTIAL_READS = 4 << 20
 
@@ -34,19 +36,34 @@ def interpreting() -> bool:
 class Blocks:
     """Block sizes and launch settings shared by the kernels (to be tuned on the target GPU)."""
 
-    block_k: int  # reduction block of the shrink (over d_in)
+    block_k: int  # largest reduction block of the shrink (over d_in)
     block_n: int  # output-column block of the expand (over d_out)
     gather_block: int  # d block of the per-token gather kernels (one token per program: wider)
-    num_warps: int
     num_stages: int
+
+    def shrink_k(self, block_m: int) -> int:
+        """The shrink's reduction block for tiles of block_m rows: the x tile stays within
+        MAX_TILE elements (64 x 128 took 217 registers a thread for sm_90, 64 x 64 with 8 warps 128)."""
+        return max(16, min(self.block_k, MAX_TILE // block_m))
 
 
 def blocks() -> Blocks:
     # Small blocks under the interpreter: tests with d of 40..96 then cover several blocks and a
     # ragged last block, and each interpreted program stays cheap.
     if interpreting():
-        return Blocks(block_k=32, block_n=32, gather_block=32, num_warps=4, num_stages=1)
-    return Blocks(block_k=128, block_n=128, gather_block=512, num_warps=4, num_stages=3)
+        return Blocks(block_k=32, block_n=32, gather_block=32, num_stages=1)
+    return Blocks(block_k=128, block_n=128, gather_block=512, num_stages=3)
+
+
+def launch_options(*tiles: tuple[int, int]) -> dict:
+    """num_warps and num_stages for a kernel whose largest register tiles are `tiles` (rows, cols).
+
+    8 warps once a tile reaches MAX_TILE elements: with 4, its values and 64-bit addresses take
+    170-250 registers a thread (compiled for sm_90: expand 64 x 128 253 with 4 warps, 140 with 8),
+    which leaves one block per SM or spills.
+    """
+    largest = max(rows * cols for rows, cols in tiles)
+    return dict(num_warps=8 if largest >= MAX_TILE else 4, num_stages=blocks().num_stages)
 
 
 def pad_rank(r: int) -> int:
@@ -121,7 +138,9 @@ def check_activations(x: torch.Tensor, y: torch.Tensor, dtypes=KERNEL_DTYPES) ->
     return x.shape[0], x.shape[1], y.shape[1]
 
 
-def check_tensor(name: str, t: torch.Tensor, shape: tuple, x: torch.Tensor, dtype: torch.dtype | str | None = None) -> None:
+def check_tensor(
+    name: str, t: torch.Tensor, shape: tuple, x: torch.Tensor, dtype: torch.dtype | str | None = None
+) -> None:
     """`t` has `shape` (None = any size), is on x's device and has `dtype`: x's dtype by default,
     or "float" / "int" for any floating-point / integer dtype."""
     dtype = x.dtype if dtype is None else dtype
