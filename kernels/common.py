@@ -34,17 +34,33 @@ def interpreting() -> bool:
 
 @dataclass(frozen=True)
 class Blocks:
-    """Block sizes and launch settings shared by the kernels (to be tuned on the target GPU)."""
+    """Block sizes and launch settings shared by the kernels (to be tuned on the target GPU).
 
-    block_k: int  # largest reduction block of the shrink (over d_in)
+    The blocks below are the largest; a launch takes smaller ones where its tile is tall (block_m)
+    or wide (padded rank), so that register tiles stay within MAX_TILE (shrink) or 2 * MAX_TILE
+    (expand) elements. Compiled for sm_90 (`python -m lorabench.kernels.aot`), a 64 x 128 shrink
+    tile took 217 registers a thread and rank-128 tiles spilled; within these budgets, none spills
+    in bf16 or fp16.
+    """
+
+    block_k: int  # reduction block of the shrink (over d_in)
     block_n: int  # output-column block of the expand (over d_out)
     gather_block: int  # d block of the per-token gather kernels (one token per program: wider)
     num_stages: int
 
-    def shrink_k(self, block_m: int) -> int:
-        """The shrink's reduction block for tiles of block_m rows: the x tile stays within
-        MAX_TILE elements (64 x 128 took 217 registers a thread for sm_90, 64 x 64 with 8 warps 128)."""
-        return max(16, min(self.block_k, MAX_TILE // block_m))
+    def shrink_k(self, block_m: int, r_pad: int) -> int:
+        return _fit(self.block_k, max(block_m, r_pad), MAX_TILE)
+
+    def expand_n(self, block_m: int, r_pad: int) -> int:
+        return _fit(self.block_n, max(block_m, r_pad), 2 * MAX_TILE)
+
+    def gather(self, r_pad: int) -> int:
+        return _fit(self.gather_block, r_pad, 2 * MAX_TILE)
+
+
+def _fit(largest: int, rows: int, budget: int) -> int:
+    """The largest power-of-two block <= `largest` (and >= 16) with rows * block <= budget."""
+    return max(16, min(largest, budget // rows))
 
 
 def blocks() -> Blocks:
@@ -59,8 +75,7 @@ def launch_options(*tiles: tuple[int, int]) -> dict:
     """num_warps and num_stages for a kernel whose largest register tiles are `tiles` (rows, cols).
 
     8 warps once a tile reaches MAX_TILE elements: with 4, its values and 64-bit addresses take
-    170-250 registers a thread (compiled for sm_90: expand 64 x 128 253 with 4 warps, 140 with 8),
-    which leaves one block per SM or spills.
+    170-250 registers a thread (sm_90: a 64 x 128 expand tile 253 with 4 warps, 140 with 8).
     """
     largest = max(rows * cols for rows, cols in tiles)
     return dict(num_warps=8 if largest >= MAX_TILE else 4, num_stages=blocks().num_stages)

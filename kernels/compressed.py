@@ -107,7 +107,7 @@ def compressed_lora(
     if dense == "triton":
         block_m, r_pad, cfg = choose_block_m(m, 1), pad_rank(width), blocks()
         reread = partial_bytes(m, r_pad, 1, 1)  # the mix kernel reads each partial once (one "block")
-        splits, k_per_split = split_k(cdiv(m, block_m) * k_clusters, d_in, cfg.shrink_k(block_m), reread)
+        splits, k_per_split = split_k(cdiv(m, block_m) * k_clusters, d_in, cfg.shrink_k(block_m, r_pad), reread)
         scratch = workspace(workspace_buffer, (k_clusters, splits + 1, m, r_pad), x.device)
         h, g = scratch[:, :splits], scratch[:, splits]
         for k in range(k_clusters):

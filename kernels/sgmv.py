@@ -91,9 +91,9 @@ def sgmv_lora(
     if batch.num_tiles == 0 or d_out == 0:
         return y
     r_pad, cfg = pad_rank(rank), blocks()
-    reread = partial_bytes(batch.num_adapter_tokens, r_pad, d_out, cfg.block_n)
     bm = batch.block_m
-    block_k = cfg.shrink_k(bm)
+    block_k, block_n = cfg.shrink_k(bm, r_pad), cfg.expand_n(bm, r_pad)
+    reread = partial_bytes(batch.num_adapter_tokens, r_pad, d_out, block_n)
     splits, k_per_split = split_k(batch.num_tiles, d_in, block_k, reread)
     h = workspace(workspace_buffer, (splits, m, r_pad), x.device)
 
@@ -104,11 +104,11 @@ def sgmv_lora(
         BLOCK_M=bm, BLOCK_K=block_k, R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype),
         **launch_options((bm, block_k), (block_k, r_pad)),
     )
-    _sgmv_expand_kernel[(batch.num_tiles, cdiv(d_out, cfg.block_n))](
+    _sgmv_expand_kernel[(batch.num_tiles, cdiv(d_out, block_n))](
         h, B, scales, y, batch.tiles, batch.sorted_tokens,
         d_out, rank, splits,
         h.stride(0), h.stride(1), B.stride(0), B.stride(1), B.stride(2), y.stride(0), y.stride(1),
-        BLOCK_M=bm, BLOCK_N=cfg.block_n, R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype),
-        **launch_options((bm, cfg.block_n), (r_pad, cfg.block_n)),
+        BLOCK_M=bm, BLOCK_N=block_n, R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype),
+        **launch_options((bm, block_n), (r_pad, block_n)),
     )
     return y
