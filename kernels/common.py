@@ -21,7 +21,8 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_RANK = 128
 # Split-K aims at about this many programs for the shrink, enough to fill an H100/H200 twice.
 TARGET_PROGRAMS = 512
-# Register tiles of this many elements or more run with 8 warps instead of 4.
+# Register-tile budget in elements: shrink tiles stay within it, expand tiles within twice it, and
+# kernels with a tile this large run 8 warps instead of 4.
 MAX_TILE = 4096
 # Bytes of split-K partial sums the expand may re-read (from L2) before fewer splits pay off.
 MAX_PARTIAL_READS = 4 << 20
@@ -95,19 +96,19 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def split_k(num_row_programs: int, d_in: int, block_k: int, partial_bytes: int = 0) -> tuple[int, int]:
+def split_k(num_row_programs: int, d_in: int, block_k: int, reread_bytes: int = 0) -> tuple[int, int]:
     """(splits, k_per_split): cut the shrink's reduction so that about TARGET_PROGRAMS run.
 
     A decode batch has few tiles, and a tile's shrink is a long, thin reduction over d_in: without
     splitting it, a handful of programs would read all the adapter weights. But the expand re-reads
-    every split's partial sums once per d_out block: `partial_bytes` (bytes the expand reads per
-    split, rows * pad_rank * 4 * d_out blocks) caps the splits so that this stays near
+    every split's partial sums once per d_out block: `reread_bytes` (what the expand reads per split,
+    `partial_bytes(...)`) caps the splits so that this stays near
     MAX_PARTIAL_READS (a large prefill batch then runs few splits, which it can afford).
     """
     k_blocks = cdiv(d_in, block_k)
     splits = max(1, min(k_blocks, cdiv(TARGET_PROGRAMS, max(num_row_programs, 1))))
-    if partial_bytes:
-        splits = max(1, min(splits, MAX_PARTIAL_READS // partial_bytes))
+    if reread_bytes:
+        splits = max(1, min(splits, MAX_PARTIAL_READS // reread_bytes))
     k_per_split = cdiv(k_blocks, splits) * block_k
     return cdiv(d_in, k_per_split), k_per_split
 
