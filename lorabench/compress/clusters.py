@@ -18,7 +18,7 @@ import torch
 
 from lorabench.adapters.types import LoraStack
 from lorabench.compress.diagonal import fit_diagonal, project_diagonal
-from lorabench.compress.fit import GroupFit, ModuleFit, orthonormalize, relative
+from lorabench.compress.fit import GroupFit, ModuleFit, orthonormalize, relative, threads_by_size
 from lorabench.compress.full import fit_full, project_full
 
 # method -> (fit one group, best cores and absolute errors on given bases)
@@ -82,6 +82,7 @@ def _fill_empty(assignment: torch.Tensor, rel_err: torch.Tensor, k: int) -> list
     return refilled
 
 
+@threads_by_size
 def fit_clusters(
     stack: LoraStack,
     rank: int,

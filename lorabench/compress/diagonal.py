@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from lorabench.adapters.types import LoraStack
-from lorabench.compress.fit import GroupFit, converged, one_thread, rounding_floor
+from lorabench.compress.fit import GroupFit, converged, one_thread, rounding_floor, threads_by_size
 from lorabench.compress.full import fit_full
 
 
@@ -65,6 +65,7 @@ def _jennrich(S: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor] |
     return X.to(S), Y.to(S)
 
 
+@threads_by_size
 def fit_diagonal(
     stack: LoraStack,
     rank: int,

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from lorabench.adapters.types import LoraStack
-from lorabench.compress.fit import GroupFit, converged, one_thread, orthonormalize, rounding_floor
+from lorabench.compress.fit import GroupFit, converged, one_thread, orthonormalize, rounding_floor, threads_by_size
 
 Product = Callable[[torch.Tensor], torch.Tensor]
 
@@ -62,6 +62,7 @@ def _rayleigh_ritz(
     return torch.cat([basis, extra], dim=1) @ top, proj_all @ top, float(evals[-rank:].sum())
 
 
+@threads_by_size
 def fit_full(
     stack: LoraStack,
     rank: int,

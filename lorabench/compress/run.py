@@ -88,6 +88,7 @@ def compress_collection(
     dtype = dtype or collection.dtype
     element_size = torch.empty((), dtype=dtype).element_size()
     w = _weights(collection, weights)
+    hashes = collection.hashes(progress)
     sizes = {k: sum(collection.shapes[k]) for k in collection.modules}
     records, frames = [], []
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -122,7 +123,7 @@ def compress_collection(
             "adapters": [
                 {"name": a.name, "sha256": h, "r": a.config.r, "lora_alpha": a.config.lora_alpha,
                  "use_rslora": a.config.use_rslora, "base_model_name_or_path": a.config.base_model_name_or_path}
-                for a, h in zip(collection.adapters, collection.hashes())
+                for a, h in zip(collection.adapters, hashes)
             ],
             "modules": records,
         }
