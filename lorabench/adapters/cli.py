@@ -37,7 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="collection directory to create")
-    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     i = sub.add_parser("info", help="check a collection of PEFT adapters and describe it")
     i.add_argument("adapters_dir")
     i.add_argument("--model", default=None, choices=list(MODELS), help="also check shapes against this model")
@@ -51,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
             modules=tuple(m for m in args.modules.split(",") if m), layers=args.layers, rslora=args.rslora,
             dtype=args.dtype, seed=args.seed,
         )
-        out = write_synth_collection(spec, args.out, overwrite=args.overwrite)
+        out = write_synth_collection(spec, args.out)
         print(f"wrote {spec.n} adapters ({spec.model}, ranks {list(spec.ranks)}, {spec.clusters} clusters) to {out}")
         return 0
     if args.action == "info":

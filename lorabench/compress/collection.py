@@ -151,9 +151,9 @@ class CompressedCollection:
             )
         return out
 
-    def export_peft(self, adapter: int | str, out: str | Path, overwrite: bool = False) -> Path:
+    def export_peft(self, adapter: int | str, out: str | Path) -> Path:
         """Write one adapter, as the compression reconstructs it, as a PEFT adapter folder."""
-        return write_adapter(out, self.adapter_config(adapter), self.factors(adapter), overwrite=overwrite)
+        return write_adapter(out, self.adapter_config(adapter), self.factors(adapter))
 
     def fit_adapter(self, folder: str | Path, compute_dtype: torch.dtype = torch.float32) -> AdapterFit:
         """Fit a new PEFT adapter onto the existing bases (no recompression): on every module, the

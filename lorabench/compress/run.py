@@ -15,13 +15,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from lorabench.adapters.atomic import atomic_dir
 from lorabench.adapters.collection import AdapterCollection, adapter_folders, hash_adapter
 from lorabench.compress.collection import FORMAT, METADATA_FILE, MODULES_DIR, VERSION, CompressedCollection
 from lorabench.compress.fit import ModuleFit
 from lorabench.compress.module import CompressConfig, compress_module
 from lorabench.compress.report import ERRORS_FILE, error_rows, summarize, summary_table, write_reports
 from lorabench.errors import LorabenchError
+from lorabench.results import atomic_dir
 
 SCALING_NOTE = (
     "each adapter's LoRA scaling (lora_alpha/r, or lora_alpha/sqrt(r) with rsLoRA) is folded into its "
@@ -76,7 +76,6 @@ def compress_collection(
     dtype: torch.dtype | None = None,
     compute_dtype: torch.dtype = torch.float32,
     device: str = "cpu",
-    overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Compress every module of `collection` into the folder `out`; returns summary.json's content.
@@ -91,7 +90,7 @@ def compress_collection(
     hashes = collection.hashes(progress)
     sizes = {k: sum(collection.shapes[k]) for k in collection.modules}
     records, frames = [], []
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out) as tmp:
         (tmp / MODULES_DIR).mkdir()
         bar = tqdm(collection.modules, desc="modules", unit="module", disable=not progress)
         for key in bar:
@@ -142,7 +141,6 @@ def add_adapters(
     compressed: CompressedCollection,
     new_dir: str | Path,
     out: str | Path,
-    overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Fit every adapter folder of `new_dir` onto `compressed`'s bases (no refitting of the bases) and
@@ -158,7 +156,7 @@ def add_adapters(
     element_size = torch.empty((), dtype=dtype).element_size()
     errors = pd.read_csv(compressed.root / ERRORS_FILE)
     new_rows = []
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out) as tmp:
         (tmp / MODULES_DIR).mkdir()
         for record, key in zip(meta["modules"], compressed.modules):
             mod = compressed.module(key)
