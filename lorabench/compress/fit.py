@@ -42,9 +42,9 @@ class GroupFit:
 class ModuleFit:
     """One module's compression: K groups of shared bases, one core per adapter.
 
-    U: (K, d_out, R)   V: (K, d_in, R)   S: (n, R, R) or (n, R)   cluster_of: (n,) int64
-    errors: (n,) float64 relative errors ||B_i A_i - U S_i V^T||^2 / ||B_i A_i||^2
-    norms2: (n,) float64 ||B_i A_i||^2 (scaling included)
+    U: (K, d_out, R)   V: (K, d_in, R)   S: (n, R, R) or (n, R)   (on the fit's device)
+    cluster_of: (n,) int64; errors: (n,) float64 relative errors ||B_i A_i - U S_i V^T||^2 / ||B_i A_i||^2;
+    norms2: (n,) float64 ||B_i A_i||^2, scaling included   (these three on the CPU)
     """
 
     U: torch.Tensor

@@ -77,6 +77,7 @@ def fit_full(
     w: (n,) float64 objective weights. Deterministic given `seed` (and `init`, if given).
     """
     norms2 = stack.norms2()
+    w = w.to(norms2)
     total = float((w * norms2).sum())
     floor = rounding_floor(total, stack.A.dtype)
     U, V = init if init is not None else initial_bases(stack, rank, w, seed)

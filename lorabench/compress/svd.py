@@ -28,6 +28,6 @@ def fit_svd(stack: LoraStack, rank: int) -> ModuleFit:
         V=Qa @ Vch.transpose(1, 2)[:, :, :kept],
         S=sigma[:, :kept].contiguous(),
         cluster_of=torch.arange(stack.n),
-        errors=relative(err, norms2),
-        norms2=norms2,
+        errors=relative(err, norms2).cpu(),
+        norms2=norms2.cpu(),
     )
