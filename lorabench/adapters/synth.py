@@ -105,7 +105,7 @@ def _cluster_bases(seed: int, d_in: int, d_out: int, m: int, layer: int, module:
     g = _generator(seed, 3, layer, ALL_LINEAR.index(module), cluster)
     Ub = torch.linalg.qr(torch.randn(d_out, m, generator=g, dtype=torch.float64))[0]
     Vb = torch.linalg.qr(torch.randn(d_in, m, generator=g, dtype=torch.float64))[0]
-    return Ub, Vb
+    return Ub.float(), Vb.float()  # cached for every adapter: float32 halves the cache
 
 
 def synth_adapter(spec: SynthSpec, i: int, cluster: int, rank: int) -> tuple[AdapterConfig, dict]:
@@ -125,7 +125,7 @@ def synth_adapter(spec: SynthSpec, i: int, cluster: int, rank: int) -> tuple[Ada
     factors = {}
     for key in spec.module_keys:
         d_in, d_out = preset.module_shape(key.module)
-        Ub, Vb = _cluster_bases(spec.seed, d_in, d_out, spec.m, key.layer, key.module, cluster)
+        Ub, Vb = (b.double() for b in _cluster_bases(spec.seed, d_in, d_out, spec.m, key.layer, key.module, cluster))
         X = torch.randn(spec.m, r_shared, generator=g, dtype=torch.float64) / math.sqrt(spec.m)
         Y = torch.randn(r_shared, spec.m, generator=g, dtype=torch.float64) / math.sqrt(spec.m)
         Gb = torch.randn(d_out, r_own, generator=g, dtype=torch.float64) / math.sqrt(d_out)

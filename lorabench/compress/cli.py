@@ -96,8 +96,6 @@ def main(args: argparse.Namespace) -> int:
         normalize=args.normalize, tol=args.tol, max_iter=args.max_iter, seed=args.seed,
     )
     collection = load_collection(args.source, model=args.model)
-    if config.clusters != "auto" and config.clusters > len(collection):
-        raise LorabenchError(f"--clusters {config.clusters} exceeds the {len(collection)} adapters")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise LorabenchError(f"--device {args.device}: no CUDA device here")
     summary = compress_collection(
