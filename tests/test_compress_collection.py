@@ -203,3 +203,15 @@ def test_an_adapter_vanishing_after_the_scan_is_named(source, tmp_path):
     with pytest.raises(LorabenchError, match="adapter .*adapter_0005: cannot read adapter_model.safetensors"):
         compress_collection(coll, CompressConfig(rank=4), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_new_adapters_of_another_layout_are_rejected(compressed, tmp_path):
+    other = write_synth_collection(SynthSpec(n=1, ranks=(4,), layers=1, modules=("q_proj", "v_proj")),
+                                   tmp_path / "other", progress=False)
+    with pytest.raises(LorabenchError, match=r"adapter .*adapter_0000: module layers\.0\.down_proj is missing"):
+        CompressedCollection.load(compressed).fit_adapter(other / "adapter_0000")
+    svd_dir = tmp_path / "svd"
+    source = CompressedCollection.load(compressed).metadata["source"]
+    assert cli.main(["compress", source, "--rank", "2", "--method", "svd", "--out", str(svd_dir), "--quiet"]) == 0
+    with pytest.raises(LorabenchError, match="method 'svd' has no shared bases"):
+        CompressedCollection.load(svd_dir).fit_adapter(other / "adapter_0000")
