@@ -20,6 +20,7 @@ import argparse
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -139,7 +140,7 @@ def run_grid(config: BenchConfig) -> pd.DataFrame:
             try:
                 times, error = time_call(call, config.device), ""
             except Exception as err:  # noqa: BLE001 - one failing strategy must not lose the rest of a GPU run
-                tqdm.write(f"bench-kernels: {name} at M={m}, N={n} failed: {err}")
+                tqdm.write(f"bench-kernels: {name} at M={m}, N={n} failed: {err}", file=sys.stderr)
                 modes = ("eager", "graph") if config.device == "cuda" else ("cpu",)
                 times, error = dict.fromkeys(modes, math.nan), str(err)
             for mode, seconds in times.items():
