@@ -14,7 +14,7 @@ from lorabench.errors import LorabenchError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "bench-kernels": ("lorabench.bench_kernels", "time every strategy's LoRA kernels over a grid of batch sizes and adapter counts"),
+    "bench-kernels": ("lorabench.bench_kernels", "time every strategy's LoRA kernels over batch sizes x adapters"),
 }
 
 
