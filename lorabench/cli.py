@@ -15,6 +15,9 @@ from lorabench.errors import LorabenchError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench-kernels": ("lorabench.bench_kernels", "time every strategy's LoRA kernels over batch sizes x adapters"),
+    "adapters": ("lorabench.adapters.cli", "synthesize a PEFT adapter collection (synth) or check one (info)"),
+    "compress": ("lorabench.compress.cli", "jointly compress an adapter collection (full, diagonal, svd; clusters)"),
+    "run": ("lorabench.run", "serve a workload with every strategy and compare it with single-LoRA serving"),
 }
 
 
