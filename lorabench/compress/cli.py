@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=list(_DTYPES), help="stored dtype (default: the adapters')")
     parser.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--device", default="cpu", help="torch device for the fits (cpu, cuda)")
-    parser.add_argument("--tol", type=float, default=1e-5, help="stop when the objective improves less (relative)")
+    parser.add_argument("--tol", type=float, default=1e-4,
+                        help="stop when an iteration lowers the total error by less than this fraction (default 1e-4)")
     parser.add_argument("--max-iter", type=int, default=50, help="iteration cap per fit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--onto", default=None, metavar="COMPRESSED_DIR",

@@ -23,7 +23,7 @@ class CompressConfig:
     clusters: int | str = 1
     target_error: float = 0.6
     normalize: bool = False
-    tol: float = 1e-5
+    tol: float = 1e-4  # stop when an iteration lowers the total error by less than this fraction
     max_iter: int = 50
     max_rounds: int = 20
     seed: int = 0
