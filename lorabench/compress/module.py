@@ -45,11 +45,6 @@ class CompressConfig:
         return self.rank * self.rank if self.method == "full" else self.rank
 
 
-def fit_bytes(fit: ModuleFit, element_size: int) -> int:
-    """GPU-resident bytes of one compressed module: the bases of every group and every core."""
-    return element_size * (fit.U[0].numel() * fit.U.shape[0] + fit.V[0].numel() * fit.V.shape[0] + fit.S.numel())
-
-
 def _max_clusters(stack: LoraStack, config: CompressConfig, max_bytes: int | None, element_size: int) -> int:
     if max_bytes is None:
         return stack.n

@@ -14,10 +14,10 @@ import pandas as pd
 
 from lorabench.adapters.types import ModuleKey
 from lorabench.compress.fit import ModuleFit
+from lorabench.presets import GIB
 
 ERRORS_FILE = "errors.csv"
 SUMMARY_FILE = "summary.json"
-GIB = 2**30
 
 
 def error_rows(key: ModuleKey, names: list[str], fit: ModuleFit) -> pd.DataFrame:
