@@ -66,6 +66,7 @@ class RunConfig:
     max_loras: int | None = None  # per-lora GPU slots = distinct adapters per batch (None: matched memory)
     max_cpu_loras: int | None = None  # host-memory adapter cache (None: all adapters in host memory)
     storage_bandwidth: float = 2e9  # bytes/s reading an adapter missing from the host cache
+    packed_adapters: bool = False  # one host buffer per adapter: a load is one copy, not one per tensor
     ttft_slo_ms: float = 2000.0
     tpot_slo_ms: float = 100.0
 
@@ -175,15 +176,17 @@ class Experiment:
 
     def strategy(self, name: str) -> Strategy:
         ad = self.workload.adapters
-        return build_strategy(name, self.model, self.ranks, ad.target_modules, ad.compressed_rank, ad.clusters)
+        return build_strategy(name, self.model, self.ranks, ad.target_modules, ad.compressed_rank, ad.clusters,
+                              packed=self.config.packed_adapters)
 
     def plan(self, strategy: Strategy) -> MemoryPlan:
         """The strategy's share of the fair budget; per-lora slots default to the compressed
         strategy's adapter memory (matched memory, as the paper compared)."""
         compressed = self.strategy("compressed")
         cfg = self.config
+        matched = compressed.shared_bytes + compressed.total_adapter_bytes
         return plan_memory(strategy, self.model.params * 2, self.device.memory_bytes, cfg.gpu_memory_utilization,
-                           self.workload.n_loras, cfg.max_loras, compressed.shared_bytes + compressed.total_adapter_bytes)
+                           self.workload.n_loras, cfg.max_loras, matched)
 
     def serve(self, name: str, executor: Executor | None = None, progress=None) -> RunResult:
         """Run strategy `name` on the request stream. `executor` replaces the configured one.
@@ -213,6 +216,8 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, progres
     """Serve the workload with every strategy of `config`; return the summary (one row per strategy).
 
     With `out_dir`, also writes the run folder there atomically (it must not exist yet)."""
+    if out_dir is not None and Path(out_dir).exists():
+        raise LorabenchError(f"out_dir {out_dir}: already exists; choose a new folder")
     exp = Experiment.build(config)
     slo = SLO(config.ttft_slo_ms, config.tpot_slo_ms)
     rows, frames = [], {}

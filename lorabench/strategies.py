@@ -29,7 +29,8 @@ def parse_strategies(text: str) -> tuple[str, ...]:
     names = STRATEGIES if text.strip() == "all" else tuple(s.strip() for s in text.split(",") if s.strip())
     unknown = [s for s in names if s not in STRATEGIES]
     if unknown or not names:
-        raise LorabenchError(f"--strategy: unknown {', '.join(unknown) or '(empty)'}; choose all or among {', '.join(STRATEGIES)}")
+        raise LorabenchError(
+            f"--strategy: unknown {', '.join(unknown) or '(empty)'}; choose all or among {', '.join(STRATEGIES)}")
     return ("single",) + tuple(s for s in STRATEGIES[1:] if s in names)
 
 
@@ -61,11 +62,13 @@ class Strategy:
 
 def build_strategy(
     name: str, model: ModelShape, ranks: np.ndarray, target_modules: tuple[str, ...],
-    compressed_rank: int, clusters: int, dtype_bytes: int = 2,
+    compressed_rank: int, clusters: int, dtype_bytes: int = 2, packed: bool = False,
 ) -> Strategy:
-    """The strategy `name` for adapters of the given ranks (one per adapter) on `target_modules`."""
+    """The strategy `name` for adapters of the given ranks (one per adapter) on `target_modules`.
+    `packed`: each adapter sits in one contiguous host buffer, so a load is one copy instead of one
+    per tensor (serving engines copy tensor by tensor)."""
     shapes = [model.module_shape(m) for m in target_modules]
-    tensors = 2 * len(target_modules) * model.layers  # A and B of every module of every layer
+    tensors = 1 if packed else 2 * len(target_modules) * model.layers  # A and B of every module and layer
     # Bytes of a rank-1 slice of one adapter over all its modules and layers: A row + B column.
     rank1 = model.layers * sum(d_in + d_out for d_in, d_out in shapes) * dtype_bytes
     exact = ranks.astype(np.int64) * rank1
@@ -79,7 +82,8 @@ def build_strategy(
         # (a d-wide row of a non-square module takes ceil(d / hidden) pages).
         page = model.hidden * dtype_bytes
         pages_rank1 = model.layers * sum(-(-d_in // model.hidden) + -(-d_out // model.hidden) for d_in, d_out in shapes)
-        return Strategy(name, ranks.astype(np.int64) * pages_rank1 * page, exact, tensors, 0, prefetch=True, shared_pool=True)
+        pages = ranks.astype(np.int64) * pages_rank1
+        return Strategy(name, pages * page, exact, tensors, 0, prefetch=True, shared_pool=True)
     if name == "compressed":
         r = compressed_rank
         s_bytes = model.layers * len(target_modules) * r * r * dtype_bytes
