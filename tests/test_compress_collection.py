@@ -46,10 +46,10 @@ def test_summary_and_errors_files(compressed, source):
     assert list(errors.columns) == ["adapter", "layer", "module", "cluster", "relative_error", "norm"]
     assert summary["mean_error"] == pytest.approx(errors["relative_error"].mean(), rel=1e-5)
     assert summary["max_error"] == pytest.approx(errors["relative_error"].max(), rel=1e-5)
-    assert summary["bytes_uncompressed"] == 4 * coll.uncompressed_params()
+    assert summary["bytes_uncompressed"] == 4 * coll.uncompressed_params() == 4 * summary["params_uncompressed"]
     loaded = CompressedCollection.load(compressed)
     stored = sum(4 * (m.U.numel() + m.V.numel() + m.S.numel()) for m in map(loaded.module, loaded.modules))
-    assert summary["bytes_gpu"] == stored
+    assert summary["bytes_gpu"] == stored == 4 * summary["params_gpu"]
     assert summary["seconds"] > 0
     meta = json.loads((compressed / "metadata.json").read_text())
     assert [a["name"] for a in meta["adapters"]] == coll.names
