@@ -124,6 +124,10 @@ def test_new_adapters_fit_onto_existing_bases(compressed, source, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     grown_errors = pd.read_csv(out / "errors.csv")
     assert len(grown_errors) == (N + 2) * 3 and summary["n_adapters"] == N + 2
+    stored = sum(4 * (m.U.numel() + m.V.numel() + m.S.numel()) for m in map(grown.module, grown.modules))
+    new_params = load_collection(new_dir).uncompressed_params()
+    before = json.loads((compressed / "summary.json").read_text())
+    assert summary["bytes_gpu"] == stored and summary["params_uncompressed"] == before["params_uncompressed"] + new_params
     fresh = grown_errors[grown_errors["adapter"] == "fresh_0011"]["relative_error"]
     assert fresh.max() < 0.8  # its cluster's bases capture much of its shared part (3 of its 4 ranks)
     for key in grown.modules:
