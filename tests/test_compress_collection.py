@@ -154,6 +154,7 @@ def test_other_methods_and_auto_clusters_through_the_cli(source, tmp_path, metho
     else:
         meta = json.loads((out / "metadata.json").read_text())
         assert all(m["mean_error"] <= 0.5 for m in meta["modules"]) == summary["target_met"]
+        assert summary["clusters_used"] == pytest.approx(sum(m["clusters"] for m in meta["modules"]) / 3)
 
 
 def test_bad_inputs_get_one_clear_error(source, compressed, tmp_path, capsys):

@@ -46,6 +46,7 @@ def summarize(errors: pd.DataFrame, modules: list[dict], seconds: float, **setti
         "seconds": float(seconds),
         "n_adapters": int(errors["adapter"].nunique()),
         "n_modules": len(modules),
+        "clusters_used": sum(m["clusters"] for m in modules) / len(modules),  # mean K over modules
         **settings,
     }
 
