@@ -224,3 +224,42 @@ def test_triton_paged_decode_matches_torch():
     got = paged_decode_attention(q, kv.storage[1], fb.decode_k_table, fb.decode_v_table, fb.decode_ctx_lens,
                                  shape.kv_heads, kv.v_col)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_padded_lora_batch_for_graphs_gives_the_same_delta():
+    """A CUDA graph replays a LoraBatch padded to its bucket; on the real tokens it must add the
+    same delta as the batch itself."""
+    from lorabench.kernels import LoraBatch, reference
+    from lorabench.model.cuda_graphs import _padded_lora_batch
+
+    torch.manual_seed(0)
+    ids = torch.tensor([3, 1, 3, 0, 2], dtype=torch.int32)
+    A, B, scales = torch.randn(4, 5, 16), torch.randn(4, 8, 5), torch.rand(4)
+    x = torch.randn(8, 16)
+    want = reference.per_lora(x[:5].double(), torch.zeros(5, 8, dtype=torch.float64), A.double(), B.double(),
+                              scales.double(), LoraBatch.build(ids))
+    padded = _padded_lora_batch(ids, 8)
+    assert padded.seg_starts.shape == (9,) and padded.seg_adapters.shape == (8,)
+    got = reference.per_lora(x.double(), torch.zeros(8, 8, dtype=torch.float64), A.double(), B.double(),
+                             scales.double(), padded)
+    torch.testing.assert_close(got[:5], want)
+
+
+def test_residency_loads_each_adapter_once_while_it_fits_and_evicts_lru():
+    from lorabench.model.serving import ServingSetup, build_engine
+
+    for strategy in ("per-lora", "paged"):
+        setup = ServingSetup(TINY, strategy, ranks=(4, 8, 4, 2, 8), modules=target_modules("q_proj,v_proj"),
+                             kv_tokens=64, slots=3)
+        engine, res = build_engine(setup)
+        assert res.pin([0, 1, 0]) == [res.index(0), res.index(1), res.index(0)]
+        res.pin([2, 1])
+        assert res.loads == 3
+        res.pin([3])  # evicts adapter 0, the least recently used
+        assert res.loads == 4
+        res.pin([1, 2, 3])
+        assert res.loads == 4
+        res.pin([0])
+        assert res.loads == 5
+        with pytest.raises(Exception, match="slots"):
+            res.pin([0, 1, 2, 3])

@@ -1,0 +1,118 @@
+"""Decode steps replayed as CUDA graphs captured per bucketed batch size, as serving engines do, so
+Python launch cost does not dominate what is measured.
+
+A decode-only batch of B sequences runs in the graph of the smallest bucket >= B. The graph reads
+static buffers: token ids, positions, KV rows to write, each sequence's row table and length (the
+Triton paged-decode kernel loops to each sequence's own length), and a `LoraBatch` padded to the
+bucket (every token in one segment slot, unused segments empty). Padding sequences write and read a
+scratch KV row. Whatever cannot be captured (a LoRA op that synchronizes, a batch with tokens
+without adapter, a context longer than the tables) runs eagerly; `mode_of` says which ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from lorabench.kernels import LoraBatch
+
+from .batch import ForwardBatch
+
+SCRATCH_SEQ = -1  # KV-cache sequence id of the scratch row padding sequences use
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+class DecodeGraphs:
+    def __init__(self, engine, max_context: int, buckets=DEFAULT_BUCKETS):
+        self.engine, self.max_context, self.buckets = engine, max_context, tuple(sorted(buckets))
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, ForwardBatch, torch.Tensor]] = {}
+        self._pool = None
+        self.disabled_reason: str | None = None
+        engine.kv.reserve(SCRATCH_SEQ, 1)
+        self._scratch_row = engine.kv.rows([SCRATCH_SEQ], torch.zeros(1, dtype=torch.int64), torch.ones(1, dtype=torch.int64))[0][0]
+
+    def bucket(self, fb: ForwardBatch) -> int | None:
+        """The bucket a batch replays in, or None when it must run eagerly."""
+        if self.disabled_reason or fb.num_decode != fb.num_seqs or fb.decode_k_table is None:
+            return None
+        if fb.decode_k_table.shape[1] > self.max_context or bool((fb.lora.token_adapters < 0).any()):
+            return None
+        return next((b for b in self.buckets if b >= fb.num_seqs), None)
+
+    def mode_of(self, fb: ForwardBatch) -> str:
+        return "cuda-graph" if self.bucket(fb) is not None and self.bucket(fb) in self._graphs else "eager"
+
+    def ensure(self, fb: ForwardBatch) -> None:
+        """Capture the bucket's graph if needed (outside any timed region)."""
+        b = self.bucket(fb)
+        if b is None or b in self._graphs:
+            return
+        static = self._static_batch(b)
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm up (Triton compiles) outside the capture
+                self.engine.forward_tokens(static)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self.engine.forward_tokens(static)
+            self._pool = graph.pool()
+            self._graphs[b] = (graph, static, out)
+        except Exception as err:  # noqa: BLE001 - any capture failure means: run eagerly, and say why
+            self.disabled_reason = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+            torch.cuda.synchronize()
+
+    def run(self, fb: ForwardBatch) -> torch.Tensor | None:
+        """Next tokens (B,) from the graph, or None when this batch has no captured graph."""
+        b = self.bucket(fb)
+        if b is None or b not in self._graphs:
+            return None
+        graph, static, out = self._graphs[b]
+        n, L = fb.num_seqs, fb.decode_k_table.shape[1]
+        static.input_ids[:n].copy_(fb.input_ids)
+        static.positions[:n].copy_(fb.positions)
+        static.new_k_rows[:n].copy_(fb.new_k_rows)
+        static.new_v_rows[:n].copy_(fb.new_v_rows)
+        static.decode_k_table[:n, :L].copy_(fb.decode_k_table)
+        static.decode_v_table[:n, :L].copy_(fb.decode_v_table)
+        static.decode_ctx_lens[:n].copy_(fb.decode_ctx_lens)
+        for buf in (static.input_ids, static.positions, static.new_k_rows, static.new_v_rows, static.decode_ctx_lens):
+            buf[n:].fill_(0)
+        static.new_k_rows[n:].fill_(self._scratch_row)
+        static.new_v_rows[n:].fill_(self._scratch_row)
+        static.decode_ctx_lens[n:].fill_(1)
+        lb = _padded_lora_batch(fb.lora.token_adapters, b)
+        for name in ("token_adapters", "sorted_tokens", "seg_starts", "seg_adapters"):
+            getattr(static.lora, name).copy_(getattr(lb, name))
+        graph.replay()
+        return out[:n]
+
+    def _static_batch(self, b: int) -> ForwardBatch:
+        dev = self.engine.model.device
+        zeros = lambda *shape, dtype=torch.int64: torch.zeros(*shape, dtype=dtype, device=dev)  # noqa: E731
+        rows = torch.full((b, self.max_context), int(self._scratch_row), dtype=torch.int64, device=dev)
+        return ForwardBatch(
+            order=list(range(b)), num_decode=b, cu_q=list(range(b + 1)), cu_ctx=[0] * (b + 1),
+            input_ids=zeros(b), positions=zeros(b),
+            new_k_rows=torch.full((b,), int(self._scratch_row), device=dev), new_v_rows=torch.full((b,), int(self._scratch_row), device=dev),
+            ctx_k_rows=zeros(0), ctx_v_rows=zeros(0), decode_ctx_seq=zeros(0), last_token=torch.arange(b, device=dev),
+            lora=_padded_lora_batch(torch.zeros(b, dtype=torch.int32), b).to(dev),
+            decode_k_table=rows, decode_v_table=rows.clone(), decode_ctx_lens=torch.ones(b, dtype=torch.int32, device=dev),
+        )
+
+
+def _padded_lora_batch(token_adapters: torch.Tensor, b: int) -> LoraBatch:
+    """The LoraBatch of `token_adapters` padded to b tokens (padding on adapter 0) and b segments
+    (trailing segments empty), so its tensors keep one shape per bucket."""
+    ids = torch.zeros(b, dtype=torch.int32)
+    ids[: token_adapters.numel()] = token_adapters.cpu()
+    lb = LoraBatch.build(ids)
+    s = lb.num_segments
+    seg_starts = torch.full((b + 1,), b, dtype=torch.int32)
+    seg_starts[: s + 1] = lb.seg_starts
+    seg_adapters = torch.zeros(b, dtype=torch.int32)
+    seg_adapters[:s] = lb.seg_adapters
+    return replace(lb, seg_starts=seg_starts, seg_adapters=seg_adapters, max_seg_len=b)

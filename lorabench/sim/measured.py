@@ -1,0 +1,128 @@
+"""The measured executor: every step the scheduler forms really runs through the decoder and the
+strategy's LoRA kernels on the device at hand, and the SimPy clock advances by its measured time.
+
+Times: CUDA events around the forward on a GPU; `perf_counter` around it on the CPU (where PyTorch
+runs synchronously). The KV cache holds each row's context (its values are whatever the cache
+holds: the work, not the numbers, is what is timed); rows are released after the step, since a
+`Step` carries no request identity. Host work (packing, adapter residency, CUDA-graph capture, the
+first run of a new shape, which compiles Triton kernels) happens outside the timed region.
+
+Adapter loads are real copies of the same bytes from host memory (pinned when CUDA is there), in
+the same number of transfers, issued on a side stream; the simulator decides whether a strategy
+overlaps them with compute.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+
+from lorabench.model.batch import SeqWork
+from lorabench.model.engine import Engine
+from lorabench.model.serving import Residency
+from lorabench.sim.executor import Step
+
+LOAD_STAGING_CAP = 512 * 2**20  # larger loads copy this much and scale (copies are linear in bytes)
+
+
+class MeasuredExecutor:
+    name = "measured"
+
+    def __init__(self, engine: Engine, residency: Residency, seed: int = 0):
+        self.engine, self.residency = engine, residency
+        self.device = engine.model.device
+        self.records: list[dict] = []  # one per step: batch_size, tokens, prefill_tokens, mode, seconds
+        self.load_records: list[dict] = []
+        self._gen = torch.Generator().manual_seed(seed)
+        self._next_seq = 0
+        self._warm: set[tuple] = set()
+        self._host = self._dev = None
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    def step(self, step: Step) -> float:
+        if step.batch_size == 0:
+            return 0.0
+        indices = self.residency.pin(step.adapters)
+        vocab = self.engine.model.shape.vocab
+        seqs = []
+        for n, ctx, index in zip(step.tokens.tolist(), step.context_lens.tolist(), indices):
+            sid, self._next_seq = self._next_seq, self._next_seq + 1
+            if ctx > n:
+                self.engine.kv.reserve(sid, ctx - n)  # the context already in the cache
+            seqs.append(SeqWork(sid, torch.randint(vocab, (n,), generator=self._gen).tolist(), index))
+        try:
+            fb = self.engine.prepare(seqs)
+            mode = self.engine.mode_of(fb)
+            key = (mode, fb.num_seqs if mode == "cuda-graph" else _pow2(fb.num_tokens), fb.num_decode == fb.num_seqs)
+            if key not in self._warm:  # first of its kind: compile and warm caches, untimed
+                self.engine.run(fb)
+                self._warm.add(key)
+            seconds = self._timed(lambda: self.engine.run(fb))
+        finally:
+            for s in seqs:
+                self.engine.release(s.seq_id)
+        self.records.append(dict(batch_size=step.batch_size, tokens=step.num_tokens, prefill_tokens=step.prefill_tokens,
+                                 distinct_adapters=step.distinct_adapters, mode=mode, seconds=seconds))
+        return seconds
+
+    def _timed(self, fn) -> float:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    # ---- loads -------------------------------------------------------------------------------
+
+    def load(self, nbytes: int, copies: int = 1) -> float:
+        """Copy `nbytes` host->device in `copies` transfers and time it."""
+        if nbytes <= 0:
+            return 0.0
+        moved = min(nbytes, LOAD_STAGING_CAP)
+        self._ensure_staging(moved)
+        copies = max(1, min(copies, moved))
+        bounds = np.linspace(0, moved, copies + 1).astype(np.int64).tolist()
+        if self._copy_stream is not None:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(self._copy_stream):
+                start.record()
+                for a, b in zip(bounds, bounds[1:]):
+                    self._dev[a:b].copy_(self._host[a:b], non_blocking=True)
+                end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            for a, b in zip(bounds, bounds[1:]):
+                self._dev[a:b].copy_(self._host[a:b])
+            seconds = time.perf_counter() - t0
+        seconds *= nbytes / moved
+        self.load_records.append(dict(nbytes=nbytes, copies=copies, seconds=seconds))
+        return seconds
+
+    def _ensure_staging(self, nbytes: int) -> None:
+        if self._host is None or self._host.numel() < nbytes:
+            size = max(nbytes, 2**20)
+            self._host = torch.ones(size, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            self._dev = torch.empty(size, dtype=torch.uint8, device=self.device)
+
+    # ---- what ran ----------------------------------------------------------------------------
+
+    def mode_summary(self) -> str:
+        """e.g. 'cuda-graph 412 steps, eager 37 steps' — which execution mode the steps ran in."""
+        counts = Counter(r["mode"] for r in self.records)
+        return ", ".join(f"{m} {n} steps" for m, n in sorted(counts.items())) or "no steps"
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
