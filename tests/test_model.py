@@ -74,8 +74,8 @@ def compressed_delta(cw, idx):
     def delta(i, m):
         if m not in cw.modules:
             return None
-        U, V, S = cw.modules[m]
-        k = int(cw.cluster_of[idx])
+        U, V, S, cluster_of = cw.modules[m]
+        k = int(cluster_of[i, idx])
         Si = torch.diag(S[i, idx].double()) if S.dim() == 3 else S[i, idx].double()
         return U[i, k].double() @ Si @ V[i, k].double().T
     return delta
@@ -117,6 +117,8 @@ def build(strategy, shape, modules, kv_kind="block"):
     else:
         cw = random_compressed(shape, n_adapters=5, rank=6, clusters=2, modules=modules,
                                diagonal=strategy == "compressed-diag", seed=5)
+        for U, V, S, cluster_of in cw.modules.values():
+            cluster_of[1] = 1 - cluster_of[0]  # clusters differ from layer to layer
         lora = CompressedLora(cw, "cpu", dtype)
         deltas.update({i: compressed_delta(cw, i) for i in range(5)})
     return Engine(model, kv, lora, attention_backend="torch"), deltas

@@ -44,16 +44,21 @@ class AdapterWeights:
 @dataclass
 class CompressedWeights:
     rank: int  # shared rank R
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # name -> (U, V, S)
-    cluster_of: torch.Tensor  # (N,) int64
+    # name -> (U, V, S, cluster_of (layers, N) int64): clusters may differ per layer and module
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
     @property
     def num_adapters(self) -> int:
-        return self.cluster_of.numel()
+        return next(iter(self.modules.values()))[3].shape[1]
 
     @property
     def diagonal(self) -> bool:
         return next(iter(self.modules.values()))[2].dim() == 3
+
+
+def default_compressed_rank(shape: ModelShape, modules, wanted: int = 64) -> int:
+    """The paper's R = 64, or the narrowest module's width when that is smaller (small test shapes)."""
+    return min(wanted, min(min(shape.module_shape(m)) for m in modules))
 
 
 def random_adapter(
@@ -74,11 +79,17 @@ def random_adapter(
 
 def random_compressed(
     shape: ModelShape, n_adapters: int, rank: int, clusters: int = 1, modules=DEFAULT_TARGET_MODULES,
-    diagonal: bool = False, seed: int = 0, dtype=torch.float32,
+    diagonal: bool = False, seed: int = 0, dtype=torch.float32, cluster_of=None,
 ) -> CompressedWeights:
-    """Orthonormal U, V per cluster and random S_i; adapters spread round-robin over clusters."""
-    if not 1 <= clusters <= n_adapters:
-        raise LorabenchError(f"compressed: clusters must be in [1, n_adapters={n_adapters}], got {clusters}")
+    """Orthonormal U, V per cluster and random S_i; adapter i in cluster cluster_of[i] (default:
+    round-robin over `clusters`), the same in every layer and module."""
+    cluster_of = torch.arange(n_adapters) % clusters if cluster_of is None else torch.as_tensor(cluster_of).long()
+    if cluster_of.shape != (n_adapters,) or (n_adapters and int(cluster_of.min()) < 0):
+        raise LorabenchError(f"compressed: cluster_of must give a cluster >= 0 to each of {n_adapters} adapters")
+    clusters = int(cluster_of.max()) + 1 if n_adapters else 1
+    smallest = min(min(shape.module_shape(m)) for m in modules)
+    if not 1 <= rank <= smallest:
+        raise LorabenchError(f"compressed rank {rank}: must be in [1, {smallest}] (the narrowest target module of {shape.name})")
     g = torch.Generator().manual_seed(seed)
     out = {}
     for m in modules:
@@ -87,5 +98,5 @@ def random_compressed(
         V = torch.linalg.qr(torch.randn(shape.layers, clusters, d_in, rank, generator=g)).Q
         s_shape = (shape.layers, n_adapters, rank) if diagonal else (shape.layers, n_adapters, rank, rank)
         S = torch.randn(*s_shape, generator=g) * (0.1 if diagonal else 0.1 / rank**0.5)
-        out[m] = (U.to(dtype), V.to(dtype), S.to(dtype))
-    return CompressedWeights(rank, out, torch.arange(n_adapters) % clusters)
+        out[m] = (U.to(dtype), V.to(dtype), S.to(dtype), cluster_of.expand(shape.layers, n_adapters).clone())
+    return CompressedWeights(rank, out)

@@ -145,13 +145,13 @@ class CompressedLora(LoraState):
 
     def __init__(self, weights: CompressedWeights, device, dtype):
         self.modules = tuple(weights.modules)
-        self.U = {m: u.to(device, dtype) for m, (u, _, _) in weights.modules.items()}
-        self.V = {m: v.to(device, dtype) for m, (_, v, _) in weights.modules.items()}
-        self.S = {m: s.to(device, dtype) for m, (_, _, s) in weights.modules.items()}
-        self.cluster_of = weights.cluster_of.to(device)
+        self.U = {m: u.to(device, dtype) for m, (u, _, _, _) in weights.modules.items()}
+        self.V = {m: v.to(device, dtype) for m, (_, v, _, _) in weights.modules.items()}
+        self.S = {m: s.to(device, dtype) for m, (_, _, s, _) in weights.modules.items()}
+        self.cluster_of = {m: c.to(device) for m, (_, _, _, c) in weights.modules.items()}
 
     def apply(self, layer, module, x, y, batch):
         if module in self.U:
             _op("compressed_lora")(x, y, self.U[module][layer], self.V[module][layer], self.S[module][layer],
-                                   self.cluster_of, batch)
+                                   self.cluster_of[module][layer], batch)
         return y

@@ -111,7 +111,7 @@ class ServingSetup:
     slots: int = 64  # per-lora slots / paged page-table rows
     block_size: int = 16
     compressed_rank: int = 64
-    clusters: int = 1
+    cluster_of: tuple[int, ...] | None = None  # compressed: each adapter's cluster (default: all in one)
     diagonal: bool = False
     cuda_graphs: bool = False
     max_context: int = 4096
@@ -119,13 +119,14 @@ class ServingSetup:
 
 
 def build_engine(setup: ServingSetup, adapters: list[AdapterWeights] | None = None,
-                 compressed: CompressedWeights | None = None) -> tuple[Engine, Residency]:
+                 compressed: CompressedWeights | None = None, model: Decoder | None = None) -> tuple[Engine, Residency]:
+    """An engine for `setup`; pass `model` to share one decoder's weights between engines."""
     s = setup
     if s.strategy not in STRATEGIES:
         raise LorabenchError(f"unknown strategy {s.strategy!r}; choose from {', '.join(STRATEGIES)}")
     device = torch.device(s.device)
     dtype = default_dtype(device)
-    model = Decoder(s.shape, device, dtype, seed=s.seed)
+    model = model or Decoder(s.shape, device, dtype, seed=s.seed)
     bank = AdapterBank(s.shape, s.ranks, s.modules, dtype, pin=device.type == "cuda", adapters=adapters, seed=s.seed)
     max_rank = max(s.ranks)
     slots = min(s.slots, len(s.ranks))
@@ -144,8 +145,8 @@ def build_engine(setup: ServingSetup, adapters: list[AdapterWeights] | None = No
         elif s.strategy == "per-lora":
             lora = SlotLora(s.shape, s.modules, slots, max_rank, device, dtype)
         else:
-            cw = compressed or random_compressed(s.shape, len(s.ranks), s.compressed_rank, s.clusters, s.modules,
-                                                 s.diagonal, seed=s.seed)
+            cw = compressed or random_compressed(s.shape, len(s.ranks), s.compressed_rank, 1, s.modules,
+                                                 s.diagonal, seed=s.seed, cluster_of=s.cluster_of)
             if cw.num_adapters != len(s.ranks):
                 raise LorabenchError(f"compressed collection holds {cw.num_adapters} adapters, the run asks {len(s.ranks)}")
             lora = CompressedLora(cw, device, dtype)
