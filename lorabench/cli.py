@@ -14,6 +14,8 @@ from lorabench.errors import LorabenchError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "profile": ("lorabench.profile", "measure the real decoder's step times on this device and calibrate the cost model"),
+    "validate": ("lorabench.validate", "run measured and modeled executors on one request stream; print their relative errors"),
 }
 
 

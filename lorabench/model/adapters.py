@@ -56,11 +56,6 @@ class CompressedWeights:
         return next(iter(self.modules.values()))[2].dim() == 3
 
 
-def default_compressed_rank(shape: ModelShape, modules, wanted: int = 64) -> int:
-    """The paper's R = 64, or the narrowest module's width when that is smaller (small test shapes)."""
-    return min(wanted, min(min(shape.module_shape(m)) for m in modules))
-
-
 def random_adapter(
     shape: ModelShape, rank: int, modules=DEFAULT_TARGET_MODULES, seed: int = 0, dtype=torch.float32, alpha: float | None = None
 ) -> AdapterWeights:
@@ -81,21 +76,21 @@ def random_compressed(
     shape: ModelShape, n_adapters: int, rank: int, clusters: int = 1, modules=DEFAULT_TARGET_MODULES,
     diagonal: bool = False, seed: int = 0, dtype=torch.float32, cluster_of=None,
 ) -> CompressedWeights:
-    """Orthonormal U, V per cluster and random S_i; adapter i in cluster cluster_of[i] (default:
-    round-robin over `clusters`), the same in every layer and module."""
+    """Random U, V per cluster (columns of unit length; R may exceed a small test shape's width) and
+    random S_i; adapter i in cluster cluster_of[i] (default: round-robin over `clusters`), the same
+    in every layer and module."""
     cluster_of = torch.arange(n_adapters) % clusters if cluster_of is None else torch.as_tensor(cluster_of).long()
     if cluster_of.shape != (n_adapters,) or (n_adapters and int(cluster_of.min()) < 0):
         raise LorabenchError(f"compressed: cluster_of must give a cluster >= 0 to each of {n_adapters} adapters")
     clusters = int(cluster_of.max()) + 1 if n_adapters else 1
-    smallest = min(min(shape.module_shape(m)) for m in modules)
-    if not 1 <= rank <= smallest:
-        raise LorabenchError(f"compressed rank {rank}: must be in [1, {smallest}] (the narrowest target module of {shape.name})")
+    if rank < 1:
+        raise LorabenchError(f"compressed rank must be >= 1, got {rank}")
     g = torch.Generator().manual_seed(seed)
     out = {}
     for m in modules:
         d_in, d_out = shape.module_shape(m)
-        U = torch.linalg.qr(torch.randn(shape.layers, clusters, d_out, rank, generator=g)).Q
-        V = torch.linalg.qr(torch.randn(shape.layers, clusters, d_in, rank, generator=g)).Q
+        U = torch.randn(shape.layers, clusters, d_out, rank, generator=g) / d_out**0.5
+        V = torch.randn(shape.layers, clusters, d_in, rank, generator=g) / d_in**0.5
         s_shape = (shape.layers, n_adapters, rank) if diagonal else (shape.layers, n_adapters, rank, rank)
         S = torch.randn(*s_shape, generator=g) * (0.1 if diagonal else 0.1 / rank**0.5)
         out[m] = (U.to(dtype), V.to(dtype), S.to(dtype), cluster_of.expand(shape.layers, n_adapters).clone())

@@ -20,12 +20,76 @@ from collections import Counter
 import numpy as np
 import torch
 
+from lorabench.errors import LorabenchError
 from lorabench.model.batch import SeqWork
+from lorabench.model.decoder import Decoder, default_dtype
 from lorabench.model.engine import Engine
-from lorabench.model.serving import Residency
+from lorabench.model.serving import Residency, ServingSetup, build_engine
+from lorabench.presets import DeviceSpec, ModelShape
 from lorabench.sim.executor import Step
 
 LOAD_STAGING_CAP = 512 * 2**20  # larger loads copy this much and scale (copies are linear in bytes)
+CPU_KV_BYTES = 64 * 2**20  # KV cache of a measured run on the CPU
+GPU_MEMORY_FRACTION = 0.85  # of the memory free after weights and adapters, for the KV cache
+
+_decoders: dict[tuple, Decoder] = {}  # one decoder per (model, device), shared by a run's strategies
+
+
+def torch_device(config) -> torch.device:
+    """The device a measured run executes on: RunConfig.torch_device, else CUDA when present."""
+    name = getattr(config, "torch_device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LorabenchError(f"torch_device {name}: CUDA is not available here")
+    return device
+
+
+def make_executor(config, model: ModelShape, device: DeviceSpec, lora) -> "MeasuredExecutor":
+    """The runner's entry point (`RunConfig.executor == "measured"`): an engine for `lora.strategy`
+    with the run's adapters (`config.adapters`: a PEFT collection; `config.compressed`: a compressed
+    collection; else random weights of the run's ranks and modules) on `torch_device(config)`."""
+    from lorabench.model.collections import compressed_weights, peft_adapters
+
+    dev = torch_device(config)
+    modules, n = tuple(lora.target_modules), len(lora.ranks)
+    adapters = peft_adapters(config.adapters, model, modules, n) if getattr(config, "adapters", None) else None
+    compressed = None
+    if lora.strategy == "compressed" and getattr(config, "compressed", None):
+        compressed = compressed_weights(config.compressed, model, modules, n)
+    ranks = tuple(a.rank for a in adapters) if adapters else tuple(int(r) for r in lora.ranks)
+    requests = config.load_workload().generate()
+    max_context = int((requests.prompt_tokens + requests.output_tokens).max())
+    key = (model.name, str(dev), config.seed)
+    if key not in _decoders:
+        _decoders.clear()  # one model at a time on the device
+        _decoders[key] = Decoder(model, dev, default_dtype(dev), seed=config.seed or 0)
+    decoder = _decoders[key]
+    slots = min(n, max(lora.resident_slots, config.max_num_seqs))
+    setup = ServingSetup(
+        model, lora.strategy, ranks, modules, device=str(dev), slots=slots, block_size=config.block_size,
+        compressed_rank=lora.compressed_rank, cluster_of=None if lora.clusters is None else tuple(int(c) for c in lora.clusters),
+        cuda_graphs=getattr(config, "cuda_graphs", True), max_context=max_context, seed=config.seed or 0,
+        kv_tokens=_kv_tokens(model, dev, setup_strategy=lora.strategy, ranks=ranks, modules=modules, slots=slots,
+                             bound=config.max_num_seqs * max_context),
+    )
+    engine, residency = build_engine(setup, adapters, compressed, model=decoder)
+    return MeasuredExecutor(engine, residency, seed=config.seed or 0)
+
+
+def _kv_tokens(model: ModelShape, dev: torch.device, setup_strategy: str, ranks, modules, slots: int, bound: int) -> int:
+    """KV-cache tokens: what the run can use at most (`bound`), within the device's free memory
+    (after the adapters the strategy keeps) or, on the CPU, CPU_KV_BYTES."""
+    elem = 2 if dev.type == "cuda" else 4
+    page = max([model.hidden] + [max(model.module_shape(m)) for m in modules])
+    if setup_strategy == "paged":
+        per_token = model.layers * page * elem * (1 if 2 * model.kv_dim <= page else 2)
+    else:
+        per_token = model.layers * 2 * model.kv_dim * elem
+    if dev.type != "cuda":
+        return max(1, min(bound, CPU_KV_BYTES // per_token))
+    adapter_bytes = slots * model.lora_params(max(ranks), modules) * elem
+    free = torch.cuda.mem_get_info(dev)[0] - adapter_bytes
+    return max(1, min(bound, int(GPU_MEMORY_FRACTION * free) // per_token))
 
 
 class MeasuredExecutor:
@@ -118,10 +182,14 @@ class MeasuredExecutor:
 
     # ---- what ran ----------------------------------------------------------------------------
 
-    def mode_summary(self) -> str:
-        """e.g. 'cuda-graph 412 steps, eager 37 steps' — which execution mode the steps ran in."""
+    @property
+    def device_label(self) -> str:
+        """The device and how its steps ran, for the results: e.g. 'h200 (cuda-graph 412, eager 37 steps)'."""
+        from lorabench.calibration import device_name
+
         counts = Counter(r["mode"] for r in self.records)
-        return ", ".join(f"{m} {n} steps" for m, n in sorted(counts.items())) or "no steps"
+        modes = ", ".join(f"{m} {n}" for m, n in sorted(counts.items())) or "no"
+        return f"{device_name(self.device)} ({modes} steps)"
 
 
 def _pow2(n: int) -> int:

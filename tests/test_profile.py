@@ -1,0 +1,94 @@
+"""Profiles: the fit recovers a known cost model; a profile measured on the CPU is written, read
+back, and drives the modeled executor."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lorabench import calibration
+from lorabench.cli import main as cli_main
+from lorabench.model import target_modules
+from lorabench.presets import device_preset, model_preset
+from lorabench.profile import grid_steps, run_profile
+from lorabench.runner import RunConfig, run_experiment
+from lorabench.sim import costmodel
+
+MODULES = target_modules("q_proj,k_proj,v_proj,o_proj")
+
+
+def test_fit_recovers_the_times_of_a_known_cost_model():
+    """Points timed by the cost model itself with other efficiencies: the fit must reproduce them."""
+    shape, device = model_preset("mistral-7b"), device_preset("h200")
+    truth = dataclasses.replace(costmodel.Efficiency(), gemm_flops=0.55, memory=0.6, kernel_s=9e-6,
+                                lora_kernel_s=3e-6, step_overhead_s=2e-4, lora_segment_s=1e-6)
+    points = []
+    for strategy in ("per-lora", "compressed"):
+        for tokens, ctx, prefill, distinct in grid_steps("full", 256):
+            adapters = [i % distinct for i in range(len(tokens))]
+            p = calibration.ProfilePoint(strategy, 16, tokens, ctx, adapters, prefill, 0.0)
+            seconds = calibration.predict([p], shape, device, truth, MODULES, 64, 64)[0]
+            points.append(dataclasses.replace(p, seconds=float(seconds)))
+    for strategy in ("per-lora", "compressed"):
+        mine = [p for p in points if p.strategy == strategy]
+        eff, stats = calibration.fit_efficiency(mine, shape, device, MODULES, 64, 64)
+        assert stats["median_abs_error_default"] > 0.05  # the defaults do not already fit
+        fitted = calibration.predict(mine, shape, device, eff, MODULES, 64, 64)
+        np.testing.assert_allclose(fitted, [p.seconds for p in mine], rtol=0.03)
+
+
+@pytest.fixture(scope="module")
+def cpu_profile(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = run_profile("tiny", ["single", "paged"], [4], 16, MODULES, 16, "quick", 1, "cpu", False, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    path = tmp_path_factory.mktemp("profiles") / "cpu-tiny.json"
+    calibration.write_json_atomic(path, data)
+    return path, data
+
+
+def test_profile_written_on_cpu_loads_back(cpu_profile):
+    path, data = cpu_profile
+    points = calibration.load_points(path)
+    assert len(points) == 2 * len(grid_steps("quick", 16))
+    assert all(p.seconds > 0 for p in points) and {p.strategy for p in points} == {"single", "paged"}
+    assert json.loads(path.read_text())["meta"]["modes"] == {"eager": len(points)}
+    assert set(data["efficiency_by_strategy"]) == {"single", "paged"}
+
+
+def test_profile_drives_the_modeled_executor(cpu_profile, tmp_path):
+    path, data = cpu_profile
+    shape, base = model_preset("tiny"), device_preset("h200")
+    config = RunConfig(model="tiny", profile=str(path))
+    device, _ = costmodel.apply_profile(costmodel.load_profile(path), base, costmodel.Efficiency())
+    assert device.bf16_flops == data["device"]["bf16_flops"] and device.mem_bandwidth == data["device"]["mem_bandwidth"]
+    for strategy in ("single", "paged"):
+        mine = [p for p in calibration.load_points(path) if p.strategy == strategy]
+        lora = costmodel.LoraSetup(strategy, np.full(16, 4), MODULES, 16, np.zeros(16, dtype=np.int64), 16)
+        ex = costmodel.make_executor(config, shape, device, lora)
+        eff = costmodel.Efficiency(**data["efficiency_by_strategy"][strategy])
+        assert ex.eff == eff
+        want = calibration.predict(mine, shape, device, eff, MODULES, 16, 16)
+        got = [ex.step(p.step()) for p in mine]
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        plain = costmodel.make_executor(RunConfig(model="tiny"), shape, base, lora)
+        assert not np.allclose([plain.step(p.step()) for p in mine], got, rtol=0.05)
+    summary = run_experiment(RunConfig(model="tiny", profile=str(path), strategies=("paged",), n_loras=16,
+                                       requests=20, ranks=(4,)), progress=False)
+    assert (summary["status"] == "ok").all() and (summary["output_throughput"] > 0).all()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["profile", "--strategy", "bogus"], "--strategy"),
+    (["profile", "--ranks", "8,x"], "--ranks"),
+    (["profile", "--device", "cuda:0"] if not torch.cuda.is_available() else ["profile", "--n-loras", "0"], ""),
+])
+def test_profile_bad_arguments_get_one_clear_error(argv, message, capsys):
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorabench profile: error:") and message in err and "Traceback" not in err
