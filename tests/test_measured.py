@@ -78,7 +78,7 @@ def test_measured_run_completes_conserves_tokens_and_records_step_times(tmp_path
         assert len(times) == steps["iterations"].sum() and (times > 0).all()
         if strategy in ("single", "compressed"):  # no adapter loads: the clock moved by the step times alone
             assert steps["duration_s"].sum() == pytest.approx(times.sum(), rel=1e-9)
-    assert executors["per-lora"].residency.loads >= 1
+    assert executors["per-lora"].adapter_loads >= 1
 
 
 def test_load_is_a_real_timed_copy(small):

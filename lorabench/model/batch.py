@@ -44,6 +44,8 @@ class ForwardBatch:
     decode_k_table: torch.Tensor | None = None  # (num_decode, max context) rows, for the Triton kernel
     decode_v_table: torch.Tensor | None = None
     decode_ctx_lens: torch.Tensor | None = None
+    graph_bucket: int | None = None  # set when the step replays a CUDA graph (cuda_graphs.py)
+    graph_lora: LoraBatch | None = None  # the LoRA metadata padded to that graph's bucket (host)
 
     @property
     def num_seqs(self) -> int:

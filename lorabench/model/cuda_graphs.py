@@ -6,7 +6,8 @@ static buffers: token ids, positions, KV rows to write, each sequence's row tabl
 Triton paged-decode kernel loops to each sequence's own length), and a `LoraBatch` padded to the
 bucket (every token in one segment slot, unused segments empty). Padding sequences write and read a
 scratch KV row. Whatever cannot be captured (a LoRA op that synchronizes, a batch with tokens
-without adapter, a context longer than the tables) runs eagerly; `mode_of` says which ran.
+without adapter, a context longer than the tables) runs eagerly; `ForwardBatch.graph_bucket`
+says which ran.
 """
 
 from __future__ import annotations
@@ -31,24 +32,27 @@ class DecodeGraphs:
         self._pool = None
         self.disabled_reason: str | None = None
         engine.kv.reserve(SCRATCH_SEQ, 1)
-        self._scratch_row = engine.kv.rows([SCRATCH_SEQ], torch.zeros(1, dtype=torch.int64), torch.ones(1, dtype=torch.int64))[0][0]
+        rows = engine.kv.rows([SCRATCH_SEQ], torch.zeros(1, dtype=torch.int64), torch.ones(1, dtype=torch.int64))
+        self._scratch_row = int(rows[0][0])
 
-    def bucket(self, fb: ForwardBatch) -> int | None:
-        """The bucket a batch replays in, or None when it must run eagerly."""
+    def _bucket(self, fb: ForwardBatch) -> int | None:
+        """The bucket a batch can replay in, or None when it must run eagerly."""
         if self.disabled_reason or fb.num_decode != fb.num_seqs or fb.decode_k_table is None:
             return None
         if fb.decode_k_table.shape[1] > self.max_context or bool((fb.lora.token_adapters < 0).any()):
             return None
         return next((b for b in self.buckets if b >= fb.num_seqs), None)
 
-    def mode_of(self, fb: ForwardBatch) -> str:
-        return "cuda-graph" if self.bucket(fb) is not None and self.bucket(fb) in self._graphs else "eager"
-
     def ensure(self, fb: ForwardBatch) -> None:
-        """Capture the bucket's graph if needed (outside any timed region)."""
-        b = self.bucket(fb)
-        if b is None or b in self._graphs:
-            return
+        """Choose the batch's graph, capturing it the first time its bucket is seen, and prepare the
+        padded LoRA metadata; all host work, outside any timed region. Sets fb.graph_bucket."""
+        b = self._bucket(fb)
+        if b is not None and b not in self._graphs:
+            self._capture(b)
+        if b is not None and b in self._graphs:
+            fb.graph_bucket, fb.graph_lora = b, _padded_lora_batch(fb.lora.token_adapters, b)
+
+    def _capture(self, b: int) -> None:
         static = self._static_batch(b)
         try:
             stream = torch.cuda.Stream()
@@ -65,12 +69,9 @@ class DecodeGraphs:
             self.disabled_reason = f"{type(err).__name__}: {err}".splitlines()[0][:200]
             torch.cuda.synchronize()
 
-    def run(self, fb: ForwardBatch) -> torch.Tensor | None:
-        """Next tokens (B,) from the graph, or None when this batch has no captured graph."""
-        b = self.bucket(fb)
-        if b is None or b not in self._graphs:
-            return None
-        graph, static, out = self._graphs[b]
+    def run(self, fb: ForwardBatch) -> torch.Tensor:
+        """Next tokens (B,) of a batch `ensure` gave a graph: fill the static inputs, replay."""
+        graph, static, out = self._graphs[fb.graph_bucket]
         n, L = fb.num_seqs, fb.decode_k_table.shape[1]
         static.input_ids[:n].copy_(fb.input_ids)
         static.positions[:n].copy_(fb.positions)
@@ -79,25 +80,24 @@ class DecodeGraphs:
         static.decode_k_table[:n, :L].copy_(fb.decode_k_table)
         static.decode_v_table[:n, :L].copy_(fb.decode_v_table)
         static.decode_ctx_lens[:n].copy_(fb.decode_ctx_lens)
-        for buf in (static.input_ids, static.positions, static.new_k_rows, static.new_v_rows, static.decode_ctx_lens):
-            buf[n:].fill_(0)
+        static.input_ids[n:].fill_(0)
+        static.positions[n:].fill_(0)
         static.new_k_rows[n:].fill_(self._scratch_row)
         static.new_v_rows[n:].fill_(self._scratch_row)
         static.decode_ctx_lens[n:].fill_(1)
-        lb = _padded_lora_batch(fb.lora.token_adapters, b)
         for name in ("token_adapters", "sorted_tokens", "seg_starts", "seg_adapters"):
-            getattr(static.lora, name).copy_(getattr(lb, name))
+            getattr(static.lora, name).copy_(getattr(fb.graph_lora, name), non_blocking=True)
         graph.replay()
         return out[:n]
 
     def _static_batch(self, b: int) -> ForwardBatch:
         dev = self.engine.model.device
         zeros = lambda *shape, dtype=torch.int64: torch.zeros(*shape, dtype=dtype, device=dev)  # noqa: E731
-        rows = torch.full((b, self.max_context), int(self._scratch_row), dtype=torch.int64, device=dev)
+        rows = torch.full((b, self.max_context), self._scratch_row, dtype=torch.int64, device=dev)
         return ForwardBatch(
             order=list(range(b)), num_decode=b, cu_q=list(range(b + 1)), cu_ctx=[0] * (b + 1),
             input_ids=zeros(b), positions=zeros(b),
-            new_k_rows=torch.full((b,), int(self._scratch_row), device=dev), new_v_rows=torch.full((b,), int(self._scratch_row), device=dev),
+            new_k_rows=torch.full((b,), self._scratch_row, device=dev), new_v_rows=torch.full((b,), self._scratch_row, device=dev),
             ctx_k_rows=zeros(0), ctx_v_rows=zeros(0), decode_ctx_seq=zeros(0), last_token=torch.arange(b, device=dev),
             lora=_padded_lora_batch(torch.zeros(b, dtype=torch.int32), b).to(dev),
             decode_k_table=rows, decode_v_table=rows.clone(), decode_ctx_lens=torch.ones(b, dtype=torch.int32, device=dev),

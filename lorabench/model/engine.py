@@ -33,17 +33,17 @@ class Engine:
             self.graphs.ensure(fb)
         return fb
 
-    def mode_of(self, fb: ForwardBatch) -> str:
+    @staticmethod
+    def mode_of(fb: ForwardBatch) -> str:
         """'cuda-graph' when `run(fb)` replays a graph, else 'eager'."""
-        return self.graphs.mode_of(fb) if self.graphs is not None else "eager"
+        return "cuda-graph" if fb.graph_bucket is not None else "eager"
 
     def forward_tokens(self, fb: ForwardBatch) -> torch.Tensor:
         """Greedy next token of each sequence (argmax over the logits), in batch order, on the device."""
         return self.model.forward(fb, self.kv, self.lora, self.attention_backend).argmax(-1)
 
     def run(self, fb: ForwardBatch) -> torch.Tensor:
-        out = self.graphs.run(fb) if self.graphs is not None else None
-        return self.forward_tokens(fb) if out is None else out
+        return self.graphs.run(fb) if fb.graph_bucket is not None else self.forward_tokens(fb)
 
     def step(self, seqs: list[SeqWork]) -> list[int]:
         """Next token of each sequence, in the order given."""

@@ -9,6 +9,8 @@ index for `compressed`. Loads copy host adapters into device memory and return t
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from lorabench import kernels
@@ -20,9 +22,25 @@ from .adapters import AdapterWeights, CompressedWeights
 from .page_pool import PagePool
 
 
+_reference_only = False
+
+
 def _op(name: str):
     """The strategy op `lorabench.kernels` dispatches (Triton on CUDA), else the PyTorch reference."""
+    if _reference_only:
+        return getattr(reference, name)
     return getattr(kernels, name, None) or getattr(reference, name)
+
+
+@contextmanager
+def reference_ops():
+    """Within the block, every LoRA op runs the PyTorch reference (device checks compare against it)."""
+    global _reference_only
+    saved, _reference_only = _reference_only, True
+    try:
+        yield
+    finally:
+        _reference_only = saved
 
 
 class LoraState:

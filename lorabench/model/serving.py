@@ -116,6 +116,8 @@ class ServingSetup:
     cuda_graphs: bool = False
     max_context: int = 4096
     seed: int = 0
+    dtype: torch.dtype | None = None  # None: bf16 on CUDA, fp32 on the CPU
+    attention_backend: str = "auto"  # triton on CUDA, torch elsewhere
 
 
 def build_engine(setup: ServingSetup, adapters: list[AdapterWeights] | None = None,
@@ -125,7 +127,7 @@ def build_engine(setup: ServingSetup, adapters: list[AdapterWeights] | None = No
     if s.strategy not in STRATEGIES:
         raise LorabenchError(f"unknown strategy {s.strategy!r}; choose from {', '.join(STRATEGIES)}")
     device = torch.device(s.device)
-    dtype = default_dtype(device)
+    dtype = s.dtype or default_dtype(device)
     model = model or Decoder(s.shape, device, dtype, seed=s.seed)
     bank = AdapterBank(s.shape, s.ranks, s.modules, dtype, pin=device.type == "cuda", adapters=adapters, seed=s.seed)
     max_rank = max(s.ranks)
@@ -150,5 +152,5 @@ def build_engine(setup: ServingSetup, adapters: list[AdapterWeights] | None = No
             if cw.num_adapters != len(s.ranks):
                 raise LorabenchError(f"compressed collection holds {cw.num_adapters} adapters, the run asks {len(s.ranks)}")
             lora = CompressedLora(cw, device, dtype)
-    engine = Engine(model, kv, lora, cuda_graphs=s.cuda_graphs, max_context=s.max_context)
+    engine = Engine(model, kv, lora, s.attention_backend, cuda_graphs=s.cuda_graphs, max_context=s.max_context)
     return engine, Residency(lora, bank, slots)

@@ -33,6 +33,7 @@ CPU_KV_BYTES = 64 * 2**20  # KV cache of a measured run on the CPU
 GPU_MEMORY_FRACTION = 0.85  # of the memory free after weights and adapters, for the KV cache
 
 _decoders: dict[tuple, Decoder] = {}  # one decoder per (model, device), shared by a run's strategies
+_live: list["MeasuredExecutor"] = []  # the strategies of a run execute one after another
 
 
 def torch_device(config) -> torch.device:
@@ -50,6 +51,8 @@ def make_executor(config, model: ModelShape, device: DeviceSpec, lora) -> "Measu
     collection; else random weights of the run's ranks and modules) on `torch_device(config)`."""
     from lorabench.model.collections import compressed_weights, peft_adapters
 
+    while _live:  # free the previous strategy's KV cache and adapters before sizing this one's
+        _live.pop().close()
     dev = torch_device(config)
     modules, n = tuple(lora.target_modules), len(lora.ranks)
     adapters = peft_adapters(config.adapters, model, modules, n) if getattr(config, "adapters", None) else None
@@ -73,7 +76,9 @@ def make_executor(config, model: ModelShape, device: DeviceSpec, lora) -> "Measu
                              bound=config.max_num_seqs * max_context),
     )
     engine, residency = build_engine(setup, adapters, compressed, model=decoder)
-    return MeasuredExecutor(engine, residency, seed=config.seed or 0)
+    executor = MeasuredExecutor(engine, residency, seed=config.seed or 0)
+    _live.append(executor)
+    return executor
 
 
 def _kv_tokens(model: ModelShape, dev: torch.device, setup_strategy: str, ranks, modules, slots: int, bound: int) -> int:
@@ -179,6 +184,18 @@ class MeasuredExecutor:
             size = max(nbytes, 2**20)
             self._host = torch.ones(size, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
             self._dev = torch.empty(size, dtype=torch.uint8, device=self.device)
+
+    @property
+    def adapter_loads(self) -> int:
+        """Adapters this executor copied into the strategy's device slots."""
+        return self.residency.loads if self.residency is not None else self._loads_at_close
+
+    def close(self) -> None:
+        """Drop the device memory this executor holds (its records stay)."""
+        self._loads_at_close = self.adapter_loads
+        self.engine = self.residency = self._dev = self._host = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ---- what ran ----------------------------------------------------------------------------
 
