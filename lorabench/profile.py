@@ -111,9 +111,8 @@ def run_profile(model: str, strategies, ranks, n_loras: int, modules, compressed
                 modes[ex.records[-1]["mode"]] += 1
                 points.append(calibration.ProfilePoint(strategy, rank, tokens, ctx, adapters, prefill, seconds))
                 bar.update()
+            ex.close()  # frees the KV cache and adapters (and the engine's CUDA graphs) before the next
             del engine, residency, ex
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
     bar.close()
     measured = calibration.measure_device(dev, decoder.dtype)
     del decoder

@@ -14,6 +14,7 @@ overlaps them with compute.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import Counter
 
@@ -194,6 +195,7 @@ class MeasuredExecutor:
         """Drop the device memory this executor holds (its records stay)."""
         self._loads_at_close = self.adapter_loads
         self.engine = self.residency = self._dev = self._host = None
+        gc.collect()  # the engine and its CUDA graphs refer to each other
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
