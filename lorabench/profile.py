@@ -102,8 +102,7 @@ def run_profile(model: str, strategies, ranks, n_loras: int, modules, compressed
             setup = ServingSetup(shape, strategy, (rank,) * n_loras, modules, device=device, kv_tokens=kv_tokens,
                                  slots=slots, compressed_rank=compressed_rank, cuda_graphs=cuda_graphs,
                                  max_context=max_context)
-            engine, residency = build_engine(setup, model=decoder)
-            ex = MeasuredExecutor(engine, residency)
+            ex = MeasuredExecutor(*build_engine(setup, model=decoder))
             for tokens, ctx, prefill, distinct in steps:
                 adapters = [0] * len(tokens) if strategy == "single" else [i % distinct for i in range(len(tokens))]
                 step = calibration.make_step(strategy, tokens, ctx, adapters, prefill)
@@ -111,8 +110,7 @@ def run_profile(model: str, strategies, ranks, n_loras: int, modules, compressed
                 modes[ex.records[-1]["mode"]] += 1
                 points.append(calibration.ProfilePoint(strategy, rank, tokens, ctx, adapters, prefill, seconds))
                 bar.update()
-            ex.close()  # frees the KV cache and adapters (and the engine's CUDA graphs) before the next
-            del engine, residency, ex
+            ex.close()  # frees the KV cache, adapters and CUDA graphs before the next strategy's
     bar.close()
     measured = calibration.measure_device(dev, decoder.dtype)
     del decoder
