@@ -62,7 +62,9 @@ def validate(config: RunConfig, out: Path, progress: bool = True) -> pd.DataFram
                            "full" if device.type == "cuda" else "quick", 3, str(device),
                            cuda_graphs=not getattr(config, "eager", False), progress=progress)
         calibration.write_json_atomic(profile, data)
-    measured = run_experiment(dataclasses.replace(config, executor="measured", profile=None), out / "measured", progress)
+    # Both runs take the profile's device figures, so both plan the same memory and batches.
+    measured = run_experiment(dataclasses.replace(config, executor="measured", profile=str(profile)), out / "measured",
+                              progress)
     modeled = run_experiment(dataclasses.replace(config, executor="modeled", profile=str(profile)), out / "modeled", progress)
     table = fidelity(measured, modeled)
     table.attrs["profile"] = str(profile)

@@ -88,11 +88,12 @@ def runs(model: str, modeled_device: str, profile: Path, out: Path, n_values, re
         if time.time() - T0 > deadline:
             log(f"deadline reached: skipping n_loras={n}")
             continue
+        # Both executors take the profile's device figures: the same memory plan and batches.
         base = RunConfig(workload="zipf", n_loras=n, requests=requests, rate=rate, model=model, device=modeled_device,
-                         seed=0)
+                         seed=0, profile=str(profile))
         log(f"measured run, n_loras={n}, {requests} requests at {rate:g}/s")
         measured = run_experiment(dataclasses.replace(base, executor="measured"), out / f"zipf-{n}-measured", progress=False)
-        modeled = run_experiment(dataclasses.replace(base, executor="modeled", profile=str(profile)),
+        modeled = run_experiment(dataclasses.replace(base, executor="modeled"),
                                  out / f"zipf-{n}-modeled", progress=False)
         t = fidelity(measured, modeled)
         t.insert(0, "n_loras", n)
