@@ -5,6 +5,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -92,3 +93,37 @@ def test_profile_bad_arguments_get_one_clear_error(argv, message, capsys):
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("lorabench profile: error:") and message in err and "Traceback" not in err
+
+
+def test_fidelity_is_modeled_over_measured_minus_one():
+    from lorabench.validate import fidelity
+
+    measured = pd.DataFrame(dict(strategy=["single", "paged"], status=["ok", "ok"], output_throughput=[100.0, 80.0],
+                                 ttft_mean_ms=[10.0, 20.0], tpot_mean_ms=[5.0, 4.0]))
+    modeled = measured.assign(output_throughput=[110.0, 60.0], ttft_mean_ms=[9.0, 20.0], tpot_mean_ms=[5.5, 3.0])
+    t = fidelity(measured, modeled).set_index("strategy")
+    np.testing.assert_allclose(t["tok/s error"], [0.1, -0.25])
+    np.testing.assert_allclose(t["TTFT mean ms error"], [-0.1, 0.0])
+    np.testing.assert_allclose(t["TPOT mean ms error"], [0.1, -0.25])
+
+
+def test_validate_end_to_end_on_cpu(cpu_profile, tmp_path, capsys):
+    from test_measured import WORKLOAD
+
+    path, _ = cpu_profile
+    workload = tmp_path / "w.toml"
+    workload.write_text(WORKLOAD)
+    out = tmp_path / "val"
+    argv = ["validate", "--workload", str(workload), "--model", "tiny", "--strategy", "paged", "--profile", str(path),
+            "--out", str(out), "--no-progress", "--max-num-seqs", "8", "--max-num-batched-tokens", "512"]
+    threads = torch.get_num_threads()
+    try:
+        assert cli_main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)  # validate runs single-threaded on the CPU
+    printed = capsys.readouterr().out
+    assert "paged" in printed and "tok/s error" in printed
+    for kind in ("measured", "modeled"):
+        summary = pd.read_csv(out / kind / "summary.csv")
+        assert list(summary["strategy"]) == ["single", "paged"] and (summary["status"] == "ok").all()
+        assert (summary["executor"] == kind).all()
