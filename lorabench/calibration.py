@@ -35,7 +35,8 @@ from lorabench.sim.executor import Step
 
 PROFILE_DIRS = (Path("results/profiles"), Path(__file__).resolve().parents[1] / "results" / "profiles")
 
-# Efficiency fields fitted, with bounds (fractions of ceilings; fixed costs in seconds).
+# Fitted factors, with bounds (fractions of ceilings; fixed costs in seconds): Efficiency fields,
+# and the device's fixed cost per kernel (fitted once for all strategies).
 FIT_BOUNDS = {
     "gemm_flops": (0.01, 1.0),
     "memory": (0.01, 1.0),
@@ -48,6 +49,7 @@ FIT_BOUNDS = {
     "paged_gather": (0.5, 20.0),
     "step_overhead_s": (1e-6, 1.0),
 }
+DEVICE_FIT_BOUNDS = {"launch_overhead_s": (1e-7, 1e-2)}
 
 
 @dataclass(frozen=True)
@@ -143,22 +145,31 @@ def predict(points, shape, device, eff, modules, compressed_rank, slots) -> np.n
 
 
 def fit_efficiency(points: list[ProfilePoint], shape: ModelShape, device: DeviceSpec, modules, compressed_rank: int,
-                   slots: int) -> tuple[Efficiency, dict]:
-    """Efficiency fields minimizing the squared log error of predicted against measured step times."""
+                   slots: int, start: Efficiency | None = None, fit_device: bool = False,
+                   ) -> tuple[Efficiency, DeviceSpec, dict]:
+    """The Efficiency fields (and, with fit_device, the device's per-kernel fixed cost) minimizing
+    the squared log error of predicted against measured step times. Returns them and error stats."""
     from scipy.optimize import least_squares
 
-    names = [k for k in FIT_BOUNDS if k != "paged_gather" or any(p.strategy == "paged" for p in points)]
-    base = Efficiency()
-    lo = np.log([FIT_BOUNDS[k][0] for k in names])
-    hi = np.log([FIT_BOUNDS[k][1] for k in names])
-    x0 = np.clip(np.log([max(getattr(base, k), FIT_BOUNDS[k][0]) for k in names]), lo + 1e-9, hi - 1e-9)
+    base = start or Efficiency()
+    eff_names = [k for k in FIT_BOUNDS if hasattr(base, k) and (k != "paged_gather" or any(p.strategy == "paged" for p in points))]
+    dev_names = [k for k in DEVICE_FIT_BOUNDS if fit_device and hasattr(device, k)]
+    bounds = {**FIT_BOUNDS, **DEVICE_FIT_BOUNDS}
+    names = eff_names + dev_names
+    lo = np.log([bounds[k][0] for k in names])
+    hi = np.log([bounds[k][1] for k in names])
+    start_values = [getattr(base, k) for k in eff_names] + [getattr(device, k) for k in dev_names]
+    x0 = np.clip(np.log(np.maximum(start_values, [bounds[k][0] for k in names])), lo + 1e-9, hi - 1e-9)
     measured = np.array([p.seconds for p in points])
 
-    def eff_of(x):
-        return dataclasses.replace(base, **dict(zip(names, np.exp(x).tolist())))
+    def unpack(x):
+        values = dict(zip(names, np.exp(x).tolist()))
+        return (dataclasses.replace(base, **{k: values[k] for k in eff_names}),
+                dataclasses.replace(device, **{k: values[k] for k in dev_names}))
 
     def residuals(x):
-        return np.log(predict(points, shape, device, eff_of(x), modules, compressed_rank, slots) / measured)
+        eff, dev = unpack(x)
+        return np.log(predict(points, shape, dev, eff, modules, compressed_rank, slots) / measured)
 
     before = residuals(x0)
     result = least_squares(residuals, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.1, diff_step=1e-3, max_nfev=400)
@@ -169,7 +180,21 @@ def fit_efficiency(points: list[ProfilePoint], shape: ModelShape, device: Device
         median_abs_error_fitted=float(np.median(np.abs(np.expm1(after)))),
         max_abs_error_fitted=float(np.max(np.abs(np.expm1(after)))),
     )
-    return eff_of(result.x), stats
+    eff, dev = unpack(result.x)
+    return eff, dev, stats
+
+
+def calibrate(points: list[ProfilePoint], shape: ModelShape, device: DeviceSpec, modules, compressed_rank: int,
+              slots: int) -> tuple[DeviceSpec, Efficiency, dict[str, Efficiency], dict]:
+    """Two stages: every point together fits the shared factors and the per-kernel fixed cost; then
+    each strategy's points refit the efficiency factors from there (its kernels have their own)."""
+    shared, device, _ = fit_efficiency(points, shape, device, modules, compressed_rank, slots, fit_device=True)
+    by_strategy, stats = {}, {}
+    for strategy in dict.fromkeys(p.strategy for p in points):
+        mine = [p for p in points if p.strategy == strategy]
+        by_strategy[strategy], _, stats[strategy] = fit_efficiency(mine, shape, device, modules, compressed_rank, slots,
+                                                                   start=shared)
+    return device, shared, by_strategy, stats
 
 
 # ---- files -------------------------------------------------------------------------------------

@@ -116,15 +116,13 @@ def run_profile(model: str, strategies, ranks, n_loras: int, modules, compressed
     del decoder
     base = DEVICES.get(calibration.device_name(dev)) or DeviceSpec(calibration.device_name(dev), 1.0, 1.0, 1.0, 1)
     spec = dataclasses.replace(base, **measured)
-    by_strategy, fit = {}, {}
-    for strategy in strategies:  # each strategy's kernels have their own efficiencies
-        mine = [p for p in points if p.strategy == strategy]
-        eff, fit[strategy] = calibration.fit_efficiency(mine, shape, spec, modules, compressed_rank, slots)
-        by_strategy[strategy] = dataclasses.asdict(eff)
+    spec, shared, by_strategy, fit = calibration.calibrate(points, shape, spec, modules, compressed_rank, slots)
+    measured.update({k: getattr(spec, k) for k in calibration.DEVICE_FIT_BOUNDS if hasattr(spec, k)})
     meta = calibration.profile_meta(dev, shape, default_dtype(dev), grid=grid, repeats=repeats, slots=slots,
                                     target_modules=list(modules), compressed_rank=compressed_rank,
                                     modes=dict(modes), fit=fit)
-    return dict(device=measured, efficiency=by_strategy[strategies[0]], efficiency_by_strategy=by_strategy,
+    return dict(device=measured, efficiency=dataclasses.asdict(shared),
+                efficiency_by_strategy={k: dataclasses.asdict(v) for k, v in by_strategy.items()},
                 points=[dataclasses.asdict(p) for p in points], meta=meta)
 
 

@@ -21,22 +21,24 @@ MODULES = target_modules("q_proj,k_proj,v_proj,o_proj")
 
 
 def test_fit_recovers_the_times_of_a_known_cost_model():
-    """Points timed by the cost model itself with other efficiencies: the fit must reproduce them."""
+    """Points timed by the cost model itself with other factors: the calibration must reproduce them."""
     shape, device = model_preset("mistral-7b"), device_preset("h200")
-    truth = dataclasses.replace(costmodel.Efficiency(), gemm_flops=0.55, memory=0.6, kernel_s=9e-6,
-                                lora_kernel_s=3e-6, step_overhead_s=2e-4, lora_segment_s=1e-6)
+    truth = dataclasses.replace(costmodel.Efficiency(), gemm_flops=0.55, memory=0.6, lora_kernel_s=3e-6,
+                                step_overhead_s=2e-4, lora_segment_s=1e-6)
+    true_device = dataclasses.replace(device, launch_overhead_s=9e-6)
     points = []
     for strategy in ("per-lora", "compressed"):
         for tokens, ctx, prefill, distinct in grid_steps("full", 256):
             adapters = [i % distinct for i in range(len(tokens))]
             p = calibration.ProfilePoint(strategy, 16, tokens, ctx, adapters, prefill, 0.0)
-            seconds = calibration.predict([p], shape, device, truth, MODULES, 64, 64)[0]
+            seconds = calibration.predict([p], shape, true_device, truth, MODULES, 64, 64)[0]
             points.append(dataclasses.replace(p, seconds=float(seconds)))
+    fitted_device, _, by_strategy, _ = calibration.calibrate(points, shape, device, MODULES, 64, 64)
     for strategy in ("per-lora", "compressed"):
         mine = [p for p in points if p.strategy == strategy]
-        eff, stats = calibration.fit_efficiency(mine, shape, device, MODULES, 64, 64)
-        assert stats["median_abs_error_default"] > 0.05  # the defaults do not already fit
-        fitted = calibration.predict(mine, shape, device, eff, MODULES, 64, 64)
+        default = calibration.predict(mine, shape, device, costmodel.Efficiency(), MODULES, 64, 64)
+        assert np.median(np.abs(default / [p.seconds for p in mine] - 1)) > 0.05  # the defaults do not fit
+        fitted = calibration.predict(mine, shape, fitted_device, by_strategy[strategy], MODULES, 64, 64)
         np.testing.assert_allclose(fitted, [p.seconds for p in mine], rtol=0.03)
 
 
