@@ -23,13 +23,15 @@ from .page_pool import PagePool
 
 
 _reference_only = False
+# reference op -> the dispatching function of `lorabench.kernels` (Triton on CUDA, PyTorch elsewhere)
+_DISPATCH = {"single_lora": "lora_single", "per_lora": "lora_per_lora", "paged_lora": "lora_paged",
+             "compressed_lora": "lora_compressed"}
 
 
 def _op(name: str):
-    """The strategy op `lorabench.kernels` dispatches (Triton on CUDA), else the PyTorch reference."""
-    if _reference_only:
-        return getattr(reference, name)
-    return getattr(kernels, name, None) or getattr(reference, name)
+    """The strategy op as `lorabench.kernels` dispatches it, or the PyTorch reference."""
+    dispatch = None if _reference_only else getattr(kernels, _DISPATCH[name], None)
+    return dispatch or getattr(reference, name)
 
 
 @contextmanager
