@@ -10,6 +10,20 @@ from dataclasses import dataclass
 
 import torch
 
+# Rows of one segment tile: the segmented kernels (sgmv, paged, compressed) process a segment in
+# tiles of block_m tokens, so each tile reads its adapter's weights once. Short segments (decode,
+# many adapters) want small tiles; long ones (prefill) want large tiles to reuse weights more.
+MIN_BLOCK_M, MAX_BLOCK_M = 16, 64
+
+
+def choose_block_m(num_adapter_tokens: int, num_segments: int) -> int:
+    """The tile height for a batch: the mean segment length rounded up to a power of two, in [16, 64]."""
+    mean_len = -(-num_adapter_tokens // max(num_segments, 1))
+    block_m = MIN_BLOCK_M
+    while block_m < min(mean_len, MAX_BLOCK_M):
+        block_m *= 2
+    return block_m
+
 
 @dataclass(frozen=True)
 class LoraBatch:
@@ -21,6 +35,15 @@ class LoraBatch:
     seg_starts:     (S + 1,) int32, segment s covers sorted_tokens[seg_starts[s]:seg_starts[s+1]].
     seg_adapters:   (S,) int32, the adapter of each segment (ascending, no -1).
     max_seg_len:    longest segment, in tokens (a Python int: kernels size their grids by it).
+    max_adapter:    largest adapter id in the batch, -1 if none (a Python int: wrappers check ids
+                    against the number of slots without reading the device).
+    block_m:        tile height of the segmented kernels (16, 32 or 64), chosen from the batch.
+    tiles:          (num_tiles, 3) int32, one row per tile of block_m tokens of one segment:
+                    (adapter, first, end) with sorted_tokens[first:end] the tile's tokens.
+    num_tiles:      rows of `tiles` (a Python int: the grid of the segmented kernels).
+
+    Everything a kernel launch needs is computed here, once per batch, so the per-layer calls do
+    no host work that reads the device and can be captured in a CUDA graph.
     """
 
     token_adapters: torch.Tensor
@@ -28,6 +51,10 @@ class LoraBatch:
     seg_starts: torch.Tensor
     seg_adapters: torch.Tensor
     max_seg_len: int
+    max_adapter: int = -1
+    block_m: int = MIN_BLOCK_M
+    tiles: torch.Tensor | None = None
+    num_tiles: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -37,13 +64,22 @@ class LoraBatch:
     def num_segments(self) -> int:
         return self.seg_adapters.numel()
 
+    @property
+    def num_adapter_tokens(self) -> int:
+        """Tokens that have an adapter (the others are left untouched)."""
+        return self.sorted_tokens.numel()
+
     @classmethod
-    def build(cls, token_adapters: torch.Tensor | list[int]) -> "LoraBatch":
+    def build(cls, token_adapters: torch.Tensor | list[int], block_m: int | None = None) -> "LoraBatch":
+        """Sort a batch's tokens into segments; `block_m` forces the tile height (tests)."""
         ids = torch.as_tensor(token_adapters, dtype=torch.int32)
         if ids.dim() != 1:
             raise ValueError(f"token_adapters must be 1-D (one id per token), got shape {tuple(ids.shape)}")
-        if ids.numel() and int(ids.min()) < -1:
-            raise ValueError(f"token_adapters holds {int(ids.min())}; ids are >= 0, or -1 for no adapter")
+        lo, hi = (int(v) for v in torch.aminmax(ids)) if ids.numel() else (-1, -1)
+        if lo < -1:
+            raise ValueError(f"token_adapters holds {lo}; ids are >= 0, or -1 for no adapter")
+        if block_m is not None and block_m not in (16, 32, 64, 128):
+            raise ValueError(f"block_m must be 16, 32, 64 or 128, got {block_m}")
         device = ids.device
         with_adapter = torch.nonzero(ids >= 0).flatten()
         order = torch.argsort(ids[with_adapter], stable=True)
@@ -51,12 +87,19 @@ class LoraBatch:
         seg_adapters, counts = torch.unique_consecutive(ids[sorted_tokens.long()], return_counts=True)
         seg_starts = torch.zeros(seg_adapters.numel() + 1, dtype=torch.int32, device=device)
         seg_starts[1:] = torch.cumsum(counts, 0)
+        seg_adapters = seg_adapters.to(torch.int32)
+        block_m = block_m or choose_block_m(sorted_tokens.numel(), seg_adapters.numel())
+        tiles = _segment_tiles(seg_starts.cpu(), seg_adapters.cpu(), block_m).to(device)
         return cls(
             token_adapters=ids,
             sorted_tokens=sorted_tokens,
             seg_starts=seg_starts,
-            seg_adapters=seg_adapters.to(torch.int32),
+            seg_adapters=seg_adapters,
             max_seg_len=int(counts.max()) if counts.numel() else 0,
+            max_adapter=hi,
+            block_m=block_m,
+            tiles=tiles,
+            num_tiles=tiles.shape[0],
         )
 
     def to(self, device: torch.device | str) -> "LoraBatch":
@@ -66,4 +109,19 @@ class LoraBatch:
             self.seg_starts.to(device),
             self.seg_adapters.to(device),
             self.max_seg_len,
+            self.max_adapter,
+            self.block_m,
+            None if self.tiles is None else self.tiles.to(device),
+            self.num_tiles,
         )
+
+
+def _segment_tiles(seg_starts: torch.Tensor, seg_adapters: torch.Tensor, block_m: int) -> torch.Tensor:
+    """(num_tiles, 3) int32 rows (adapter, first, end): each segment cut into tiles of block_m tokens."""
+    starts, ends = seg_starts[:-1].long(), seg_starts[1:].long()
+    per_seg = (ends - starts + block_m - 1) // block_m
+    seg_of_tile = torch.repeat_interleave(torch.arange(per_seg.numel()), per_seg)
+    first_tile = torch.cumsum(per_seg, 0) - per_seg
+    first = starts[seg_of_tile] + (torch.arange(seg_of_tile.numel()) - first_tile[seg_of_tile]) * block_m
+    end = torch.minimum(first + block_m, ends[seg_of_tile])
+    return torch.stack([seg_adapters[seg_of_tile].long(), first, end], dim=1).to(torch.int32).contiguous()

@@ -93,7 +93,9 @@ class DeviceSpec:
     host_link_bandwidth: float  # pinned host -> device copy
     memory_bytes: int
     copy_latency_s: float = 8e-6  # fixed cost of one host->device copy
-    launch_overhead_s: float = 4e-6  # one kernel launch (graph replay: a few microseconds)
+    # Fixed cost of one kernel in a replayed CUDA graph (launch, ramp-up, tail): the roofline's
+    # per-kernel term for base-model kernels (lorabench.sim.costmodel).
+    launch_overhead_s: float = 5e-6
     measured: bool = False  # True when the figures come from a run on the device
 
 
@@ -104,8 +106,10 @@ DEVICES: dict[str, DeviceSpec] = {
     d.name: d
     for d in (
         # Measured 2026-11-29, ../shared/anchors.md: 694 TFLOP/s bf16 8192^3, 4,249 GB/s d2d copy,
-        # 55.5 GB/s pinned h2d; 139 GiB visible to CUDA.
-        DeviceSpec("h200", 694e12, 4249 * GB, 55.5 * GB, 139 * GIB, measured=True),
+        # 55.5 GB/s pinned h2d; 139 GiB visible to CUDA. Copy latency: a 27.3 MB adapter as 256
+        # pinned tensors took 2.0 ms, packed in one buffer 0.50 ms: (2.0 - 0.5) / 255 = 5.9 us per copy.
+        # Kernel cost: fitted to the decoder-layer times there (163.7 us at batch 1, ~10 kernels).
+        DeviceSpec("h200", 694e12, 4249 * GB, 55.5 * GB, 139 * GIB, copy_latency_s=5.9e-6, measured=True),
         DeviceSpec("h100", 989e12 * 0.7, 3350 * GB * 0.9, 50 * GB, 80 * GIB),
         DeviceSpec("a100", 312e12 * 0.8, 2039 * GB * 0.9, 24 * GB, 80 * GIB),
         DeviceSpec("l40s", 362e12 * 0.7, 864 * GB * 0.9, 24 * GB, 48 * GIB),

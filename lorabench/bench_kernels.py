@@ -1,0 +1,366 @@
+"""`lorabench bench-kernels`: time one LoRA layer of every serving strategy over a grid of batches.
+
+Grid: tokens M x resident adapters N, each token's adapter drawn from Zipf(alpha) over N;
+d_in = d_out = 4096, rank 16, compressed width R in {64, 128} (one cluster, full S). Columns: the
+strategies (single LoRA, per-lora sgmv and bgmv, paged, compressed; on CUDA also cuBLAS forms of
+single and compressed) beside the base layer's GEMM,
+in median microseconds, and the bandwidth each reaches on its unique weight bytes as a fraction of
+the device's copy bandwidth, measured in the same run. "floor" is the per-lora unique adapter bytes
+over the copy bandwidth: no kernel that reads each adapter weight once can be faster.
+
+On CUDA (bf16): the eager call and a CUDA-graph replay of it, each timed by triton.testing.do_bench
+(median; do_bench flushes L2 before every run). On CPU (fp32): the PyTorch paths on a reduced grid,
+wall-clock medians. `--device-check` first checks every Triton kernel on the GPU in bf16 and fp16
+against the float64 reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from lorabench.errors import LorabenchError
+from lorabench.kernels import LoraBatch, lora_compressed, lora_paged, lora_per_lora, lora_single, testing
+
+GPU_GRID_M = (1, 16, 64, 256, 1024)
+GPU_GRID_N = (1, 8, 64, 512, 1024)
+CPU_GRID_M = (1, 16, 64, 256)
+CPU_GRID_N = (1, 8, 64, 512)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    device: str
+    dtype: torch.dtype
+    grid_m: tuple[int, ...]
+    grid_n: tuple[int, ...]
+    d_in: int = 4096
+    d_out: int = 4096
+    rank: int = 16
+    widths: tuple[int, ...] = (64, 128)
+    alpha: float = 1.0
+    seed: int = 0
+
+    @property
+    def elem(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, help="CSV to write (default results/kernels/<device>.csv)")
+    p.add_argument("--device-check", action="store_true",
+                   help="first check every Triton kernel on the GPU (bf16, fp16) against the float64 reference")
+    p.add_argument("--m", help="comma-separated token counts (default: the full grid on CUDA, 1,16,64,256 on CPU)")
+    p.add_argument("--n", help="comma-separated adapter counts (default: the full grid on CUDA, 1,8,64,512 on CPU)")
+    p.add_argument("--d", type=int, default=4096, help="d_in = d_out of the layer (default 4096)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+
+
+def main(args: argparse.Namespace) -> int:
+    cuda = torch.cuda.is_available()
+    if args.device_check and not cuda:
+        raise LorabenchError("--device-check needs a CUDA GPU (none is visible)")
+    config = BenchConfig(
+        device="cuda" if cuda else "cpu",
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        grid_m=_int_list(args.m, "--m") or (GPU_GRID_M if cuda else CPU_GRID_M),
+        grid_n=_int_list(args.n, "--n") or (GPU_GRID_N if cuda else CPU_GRID_N),
+        d_in=args.d,
+        d_out=args.d,
+        seed=args.seed,
+    )
+    if args.d < 16:
+        raise LorabenchError(f"--d must be at least 16, got {args.d}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LorabenchError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    if args.device_check:
+        checks = device_check()
+        print(checks.to_string(index=False))
+        failed = checks[~checks.ok]
+        if len(failed):
+            print(f"device check FAILED for {len(failed)} case(s)")
+            return 1
+        print(f"device check passed: {len(checks)} cases")
+
+    table = run_grid(config)
+    table.insert(0, "device", device_name)
+    # Where the figures came from, on every row: a committed CSV must say how it was made.
+    table["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    table["versions"] = f"torch {torch.__version__}, triton {_triton_version()}"
+    table["command"] = (
+        f"lorabench bench-kernels --m {','.join(map(str, config.grid_m))} --n {','.join(map(str, config.grid_n))}"
+        f" --d {config.d_in} --seed {config.seed}" + (" --device-check" if args.device_check else "")
+    )
+    out = args.out or Path("results/kernels") / f"{_slug(device_name)}.csv"
+    write_csv_atomic(table, out)
+    print_tables(table, cuda)
+    print(f"\nwrote {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
+
+
+def run_grid(config: BenchConfig) -> pd.DataFrame:
+    """One row per (M, N, strategy, mode): median microseconds and fraction of copy bandwidth."""
+    copy_bw = copy_bandwidth(config.device)
+    rows = []
+    points = [(m, n) for n in config.grid_n for m in config.grid_m]
+    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    weights = None
+    for m, n in tqdm(points, desc="bench-kernels", unit="point"):
+        if weights is None or weights.n != n:
+            weights = LayerWeights.make(config, n, gen)  # one set per N, shared by every M
+        ids = testing.zipf_ids(m, n, config.alpha, gen)
+        batch = LoraBatch.build(ids.to(config.device))
+        distinct = batch.num_segments
+        adapter_bytes = distinct * config.rank * (config.d_in + config.d_out) * config.elem
+        x = torch.randn(m, config.d_in, dtype=config.dtype, device=config.device)
+        y = torch.randn(m, config.d_out, dtype=config.dtype, device=config.device)
+        for name, call, nbytes in strategies(config, weights, batch, x, y, distinct):
+            for mode, seconds in time_call(call, config.device).items():
+                rows.append(dict(
+                    dtype=str(config.dtype).removeprefix("torch."), M=m, N=n, distinct=distinct,
+                    unique_adapter_mb=adapter_bytes / 1e6, floor_us=adapter_bytes / copy_bw * 1e6,
+                    strategy=name, mode=mode, median_us=seconds * 1e6,
+                    bw_fraction=nbytes / seconds / copy_bw, copy_gbps=copy_bw / 1e9,
+                ))
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class LayerWeights:
+    """Random weights of one 4096 x 4096 layer and its N adapters in every strategy's layout."""
+
+    n: int
+    W: torch.Tensor  # (d_out, d_in) base layer
+    A: torch.Tensor  # (N, r, d_in) per-lora slots
+    B: torch.Tensor  # (N, d_out, r)
+    scales: torch.Tensor  # (N,)
+    pool: torch.Tensor  # (pages, d) paged pool: A rows and B columns at scattered pages
+    a_pages: torch.Tensor
+    b_pages: torch.Tensor
+    ranks: torch.Tensor
+    compressed: dict  # R -> (U, V, S, cluster_of)
+
+    @classmethod
+    def make(cls, c: BenchConfig, n: int, gen: torch.Generator) -> "LayerWeights":
+        dev, dt, r = c.device, c.dtype, c.rank
+
+        def randn(*shape, std=1.0):
+            return (torch.randn(*shape, device=dev, dtype=dt) * std)
+
+        A, B = randn(n, r, c.d_in, std=c.d_in**-0.5), randn(n, c.d_out, r, std=r**-0.5)
+        page_size = max(c.d_in, c.d_out)
+        pool = torch.zeros(2 * n * r, page_size, dtype=dt, device=dev)
+        order = torch.randperm(2 * n * r, generator=gen).to(dev)
+        a_pages = order[: n * r].view(n, r).to(torch.int32)
+        b_pages = order[n * r :].view(n, r).to(torch.int32)
+        pool[a_pages.flatten().long(), : c.d_in] = A.reshape(n * r, c.d_in)
+        pool[b_pages.flatten().long(), : c.d_out] = B.transpose(1, 2).reshape(n * r, c.d_out)
+        compressed = {
+            w: (randn(1, c.d_out, w, std=w**-0.5), randn(1, c.d_in, w, std=c.d_in**-0.5), randn(n, w, w, std=w**-0.5),
+                torch.zeros(n, dtype=torch.int32, device=dev))
+            for w in c.widths
+        }
+        return cls(
+            n=n, W=randn(c.d_out, c.d_in, std=c.d_in**-0.5), A=A, B=B,
+            scales=torch.ones(n, dtype=torch.float32, device=dev), pool=pool, a_pages=a_pages, b_pages=b_pages,
+            ranks=torch.full((n,), r, dtype=torch.int32, device=dev), compressed=compressed,
+        )
+
+
+def strategies(c: BenchConfig, w: LayerWeights, batch: LoraBatch, x, y, distinct: int):
+    """(name, call, unique weight bytes) of every column.
+
+    On CUDA also the cuBLAS forms that the Triton kernels should beat: single LoRA as two
+    torch GEMMs, and the compressed layer with its dense steps in cuBLAS. On CPU per-lora has one
+    (PyTorch) path.
+    """
+    cuda = c.device == "cuda"
+    lora_bytes = c.rank * (c.d_in + c.d_out) * c.elem
+    out = torch.empty_like(y)
+    yield "base_gemm", lambda: torch.mm(x, w.W.T, out=out), c.d_in * c.d_out * c.elem
+    yield "single", lambda: lora_single(x, y, w.A[0], w.B[0], 1.0), lora_bytes
+    if cuda:
+        yield "single_cublas", lambda: y.addmm_(x @ w.A[0].T, w.B[0].T), lora_bytes
+    for v in ("sgmv", "bgmv") if cuda else ("auto",):
+        name = "per_lora" if v == "auto" else f"per_lora_{v}"
+        yield name, (lambda v=v: lora_per_lora(x, y, w.A, w.B, w.scales, batch, variant=v)), distinct * lora_bytes
+    yield "paged", lambda: lora_paged(x, y, w.pool, w.a_pages, w.b_pages, w.ranks, w.scales, batch), distinct * lora_bytes
+    for width, (U, V, S, cluster_of) in w.compressed.items():
+        nbytes = (width * (c.d_in + c.d_out) + distinct * width * width) * c.elem
+        yield (f"compressed_R{width}", (lambda U=U, V=V, S=S, k=cluster_of: lora_compressed(x, y, U, V, S, k, batch)),
+               nbytes)
+        if cuda and width == c.widths[0]:
+            from lorabench.kernels.compressed import compressed_lora
+
+            yield (f"compressed_R{width}_cublas",
+                   (lambda U=U, V=V, S=S, k=cluster_of: compressed_lora(x, y, U, V, S, k, batch, dense="torch")), nbytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_call(call, device: str) -> dict[str, float]:
+    """Median seconds of `call`: {"eager", "graph"} on CUDA, {"cpu"} on the CPU."""
+    if device != "cuda":
+        return {"cpu": _cpu_median(call)}
+    import triton.testing
+
+    call()  # compile, and check the per-adapter tables before capture
+    torch.cuda.synchronize()
+    eager = triton.testing.do_bench(call, warmup=5, rep=25, return_mode="median")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    replay = triton.testing.do_bench(graph.replay, warmup=5, rep=25, return_mode="median")
+    del graph
+    return {"eager": eager * 1e-3, "graph": replay * 1e-3}
+
+
+def _cpu_median(call, min_reps: int = 3, budget_s: float = 0.3) -> float:
+    call()
+    times, start = [], time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < budget_s:
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 50:
+            break
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written), measured now."""
+    nbytes = (2 << 30) if device == "cuda" else (256 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    seconds = time_call(lambda: dst.copy_(src), device)
+    del src, dst
+    return 2 * nbytes / seconds.get("graph", seconds.get("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Device check
+
+
+# name -> (M, d_in, d_out, r, N): small ragged shapes (several tiles and blocks, tokens without
+# adapter, heterogeneous ranks) and the benchmark's own shape, whose block sizes the interpreter
+# tests do not reach.
+CHECK_SHAPES = {"small": (70, 130, 40, 12, 9), "bench": (256, 4096, 4096, 16, 64)}
+
+
+def device_check(
+    device: str = "cuda", dtypes=(torch.bfloat16, torch.float16), shapes=CHECK_SHAPES, seed: int = 0
+) -> pd.DataFrame:
+    """Every Triton kernel against the float64 reference: one row per (op, dtype, shape)."""
+    from lorabench.kernels.bgmv import bgmv_lora
+    from lorabench.kernels.compressed import compressed_lora
+    from lorabench.kernels.paged import paged_lora
+    from lorabench.kernels.sgmv import sgmv_lora
+    from lorabench.kernels.single import single_lora
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for dtype in dtypes:
+        for shape, (m, d_in, d_out, r, n) in shapes.items():
+            ids = testing.zipf_ids(m, n, 1.0, gen, p_none=0.1).tolist()
+            ranks = [max(1, r - (i % 5)) for i in range(n)]  # heterogeneous
+            problems = {
+                "single": (single_lora, testing.single_problem(m, d_in, d_out, r, dtype, device, gen)),
+                "sgmv": (sgmv_lora, testing.per_lora_problem(ids, n, d_in, d_out, r, dtype, device, gen)),
+                "bgmv": (bgmv_lora, testing.per_lora_problem(ids, n, d_in, d_out, r, dtype, device, gen)),
+                "paged": (paged_lora, testing.paged_problem(ids, ranks, d_in, d_out, max(d_in, d_out), dtype, device, gen)),
+                "compressed_full": (compressed_lora, testing.compressed_problem(
+                    ids, n, 2, 64, False, d_in, d_out, dtype, device, gen)),
+                "compressed_diag": (compressed_lora, testing.compressed_problem(
+                    ids, n, 2, 128, True, d_in, d_out, dtype, device, gen)),
+            }
+            for op, (fn, p) in problems.items():
+                extra = {} if p.batch is None else {"batch": p.batch}
+                got = fn(**p.fresh_y(), **extra)
+                err = testing.max_error(got.cpu(), p.expected())
+                rows.append(dict(op=op, dtype=str(dtype).removeprefix("torch."), shape=shape, error_vs_tolerance=err,
+                                 ok=err <= 1.0))
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def print_tables(table: pd.DataFrame, cuda: bool) -> None:
+    index = ["M", "N", "distinct", "unique_adapter_mb", "floor_us"]
+    modes = ("graph", "eager") if cuda else ("cpu",)
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.1f}".format):
+        print(f"\ncopy bandwidth: {table.copy_gbps.iloc[0]:.0f} GB/s; dtype {table.dtype.iloc[0]}")
+        for mode in modes:
+            part = table[table["mode"] == mode]
+            print(f"\nmedian microseconds ({mode}):")
+            print(part.pivot_table(index=index, columns="strategy", values="median_us", sort=False).to_string())
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
+        part = table[table["mode"] == modes[0]]
+        print(f"\nunique weight bytes / time, as a fraction of copy bandwidth ({modes[0]}):")
+        print(part.pivot_table(index=["M", "N"], columns="strategy", values="bw_fraction", sort=False).to_string())
+
+
+def write_csv_atomic(table: pd.DataFrame, path: Path) -> None:
+    """Write through a temporary file in the same folder, then rename: no half-written CSV."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            table.to_csv(f, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise LorabenchError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise LorabenchError(f"{flag} values must be >= 1, got {text!r}")
+    return values
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "none"
+    return triton.__version__
+
+
+def _slug(device_name: str) -> str:
+    """'NVIDIA H200' -> 'h200', 'cpu' -> 'cpu'."""
+    words = device_name.lower().replace("nvidia", "").split()
+    return "-".join(words) or "cpu"

@@ -1,0 +1,105 @@
+"""Compress one module's adapters as a `CompressConfig` says: method, rank, clusters (or auto)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorabench.adapters.types import LoraStack
+from lorabench.compress.clusters import METHODS, fit_clusters
+from lorabench.compress.fit import ModuleFit, resolve_weights
+from lorabench.compress.svd import fit_svd
+from lorabench.errors import LorabenchError
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """How to compress. clusters: a count, or "auto" (smallest count whose mean relative error is at
+    most target_error, within max_bytes of GPU memory per module if given)."""
+
+    rank: int
+    method: str = "full"  # full | diagonal | svd
+    clusters: int | str = 1
+    target_error: float = 0.6
+    normalize: bool = False
+    tol: float = 1e-5
+    max_iter: int = 50
+    max_rounds: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in (*METHODS, "svd"):
+            raise LorabenchError(f"--method must be one of full, diagonal, svd; got {self.method!r}")
+        if self.rank < 1:
+            raise LorabenchError(f"--rank must be >= 1, got {self.rank}")
+        if self.clusters != "auto" and (not isinstance(self.clusters, int) or self.clusters < 1):
+            raise LorabenchError(f"--clusters must be a positive integer or 'auto', got {self.clusters!r}")
+        if self.method == "svd" and self.clusters != 1:
+            raise LorabenchError("--method svd compresses each adapter alone; it takes no --clusters")
+        if not 0 < self.target_error <= 1:
+            raise LorabenchError(f"--target-error must be in (0, 1], got {self.target_error}")
+
+    def core_numbers(self) -> int:
+        """Numbers per adapter core: R x R (full) or R (diagonal, svd)."""
+        return self.rank * self.rank if self.method == "full" else self.rank
+
+
+def fit_bytes(fit: ModuleFit, element_size: int) -> int:
+    """GPU-resident bytes of one compressed module: the bases of every group and every core."""
+    return element_size * (fit.U[0].numel() * fit.U.shape[0] + fit.V[0].numel() * fit.V.shape[0] + fit.S.numel())
+
+
+def _max_clusters(stack: LoraStack, config: CompressConfig, max_bytes: int | None, element_size: int) -> int:
+    if max_bytes is None:
+        return stack.n
+    per_cluster = (stack.d_in + stack.d_out) * config.rank * element_size
+    cores = stack.n * config.core_numbers() * element_size
+    k = (max_bytes - cores) // per_cluster
+    if k < 1:
+        raise LorabenchError(
+            f"--memory-budget too small: one cluster of this {stack.d_out} x {stack.d_in} module needs "
+            f"{(per_cluster + cores) / 2**20:.2f} MiB, its share of the budget is {max_bytes / 2**20:.2f} MiB"
+        )
+    return int(min(k, stack.n))
+
+
+def compress_module(
+    stack: LoraStack,
+    config: CompressConfig,
+    weights: torch.Tensor | None = None,
+    max_bytes: int | None = None,
+    element_size: int = 4,
+) -> ModuleFit:
+    """Compress one module. With clusters="auto": K = 1, 2, 4, ... until the mean relative error
+    meets config.target_error (or K reaches its memory cap), then bisection for the smallest such K."""
+    if config.rank > min(stack.d_in, stack.d_out):
+        raise LorabenchError(f"--rank {config.rank} exceeds the module's size {stack.d_out} x {stack.d_in}")
+    if config.method == "svd":
+        return fit_svd(stack, config.rank)
+    w = resolve_weights(stack.norms2(), weights, config.normalize)
+
+    def run(k: int) -> ModuleFit:
+        return fit_clusters(
+            stack, config.rank, k, w, method=config.method, tol=config.tol, max_iter=config.max_iter,
+            max_rounds=config.max_rounds, seed=config.seed,
+        )
+
+    if config.clusters != "auto":
+        return run(int(config.clusters))
+    cap = _max_clusters(stack, config, max_bytes, element_size)
+    fits: dict[int, ModuleFit] = {}
+
+    def meets(k: int) -> bool:
+        fits[k] = fits.get(k) or run(k)
+        return float(fits[k].errors.mean()) <= config.target_error
+
+    k, failed = 1, 0
+    while not meets(k):
+        if k == cap:
+            return fits[k]  # the target cannot be met within the cap: the best allowed
+        failed, k = k, min(2 * k, cap)
+    while k - failed > 1:  # smallest meeting K lies in (failed, k]
+        mid = (failed + k) // 2
+        failed, k = (failed, mid) if meets(mid) else (mid, k)
+    return fits[k]

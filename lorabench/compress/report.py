@@ -1,0 +1,74 @@
+"""Error reports of a compressed collection: errors.csv, summary.json and the printed table.
+
+errors.csv: one row per adapter and module: adapter, layer, module, cluster, relative_error, norm
+(||scaling * B A||_F). summary.json: mean_error and max_error over those rows, bytes_gpu (shared
+bases + every core), bytes_uncompressed (every A and B), seconds, and the run's settings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from lorabench.adapters.types import ModuleKey
+from lorabench.compress.fit import ModuleFit
+
+ERRORS_FILE = "errors.csv"
+SUMMARY_FILE = "summary.json"
+GIB = 2**30
+
+
+def error_rows(key: ModuleKey, names: list[str], fit: ModuleFit) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "adapter": names,
+            "layer": key.layer,
+            "module": key.module,
+            "cluster": fit.cluster_of.cpu().numpy(),
+            "relative_error": fit.errors.cpu().numpy(),
+            "norm": fit.norms2.cpu().sqrt().numpy(),
+        }
+    )
+
+
+def summarize(errors: pd.DataFrame, modules: list[dict], seconds: float, **settings) -> dict:
+    bytes_gpu = sum(m["bytes_gpu"] for m in modules)
+    bytes_uncompressed = sum(m["bytes_uncompressed"] for m in modules)
+    return {
+        "mean_error": float(errors["relative_error"].mean()),
+        "max_error": float(errors["relative_error"].max()),
+        "bytes_gpu": int(bytes_gpu),
+        "bytes_uncompressed": int(bytes_uncompressed),
+        "compression_ratio": bytes_uncompressed / bytes_gpu if bytes_gpu else None,
+        "seconds": float(seconds),
+        "n_adapters": int(errors["adapter"].nunique()),
+        "n_modules": len(modules),
+        **settings,
+    }
+
+
+def write_reports(folder: Path, errors: pd.DataFrame, summary: dict) -> None:
+    errors.to_csv(folder / ERRORS_FILE, index=False, float_format="%.6g")
+    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def summary_table(errors: pd.DataFrame, modules: list[dict], summary: dict) -> str:
+    """Per module type: layers, shape, clusters, mean and max error; then the totals."""
+    by_type = pd.DataFrame(modules).assign(module=lambda d: d["name"].str.split(".").str[-1])
+    table = by_type.groupby("module", sort=False).agg(
+        layers=("name", "size"), d_out=("d_out", "first"), d_in=("d_in", "first"), clusters=("clusters", "mean")
+    )
+    errs = errors.groupby("module", sort=False)["relative_error"].agg(mean_error="mean", max_error="max")
+    table = table.join(errs).reset_index()
+    lines = [
+        table.to_string(index=False, formatters={
+            "clusters": "{:.1f}".format, "mean_error": "{:.4f}".format, "max_error": "{:.4f}".format}),
+        "",
+        f"adapters {summary['n_adapters']}, modules {summary['n_modules']}: "
+        f"mean error {summary['mean_error']:.4f}, max error {summary['max_error']:.4f}",
+        f"GPU bytes {summary['bytes_gpu'] / GIB:.4f} GiB (bases + cores) vs {summary['bytes_uncompressed'] / GIB:.4f} GiB "
+        f"uncompressed ({summary['compression_ratio']:.1f}x smaller), {summary['seconds']:.1f} s",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,265 @@
+"""One experiment: a workload served by every chosen strategy on the same request stream.
+
+`run_experiment(RunConfig(...), out_dir)` is a pure function of its config (and seed): it returns the
+summary (one row per strategy, the single-LoRA baseline first) and, given `out_dir`, writes there
+atomically: config.json, summary.csv, requests/<strategy>.csv, steps/<strategy>.csv.
+
+Executors plug in by name: `EXECUTORS[name]` is a module with
+`make_executor(config, model, device, lora: LoraSetup) -> Executor`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from lorabench import __version__
+from lorabench.errors import LorabenchError
+from lorabench.presets import DeviceSpec, ModelShape, device_preset, model_preset
+from lorabench.results import atomic_dir, write_csv, write_json
+from lorabench.sim.costmodel import Efficiency, LoraSetup, apply_profile, load_profile
+from lorabench.sim.engine import Replica, RunResult, SimulationStuck
+from lorabench.sim.executor import Executor
+from lorabench.sim.memory import MemoryPlan, kv_bytes_per_token, plan_memory
+from lorabench.sim.metrics import (
+    REQUEST_COLUMNS, SLO, STEP_COLUMNS, SUMMARY_COLUMNS, requests_frame, steps_frame, summarize,
+)
+from lorabench.sim.scheduler import SchedulerConfig
+from lorabench.strategies import STRATEGIES, Strategy, build_strategy
+from lorabench.workload import Requests, Workload, load_workload
+
+EXECUTORS = {"modeled": "lorabench.sim.costmodel", "measured": "lorabench.sim.measured"}
+KV_POLICIES = ("reserve", "preempt")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run depends on. None = the workload file's value."""
+
+    workload: str = "zipf"  # shipped name or path to a .toml
+    n_loras: int | None = None
+    rate: float | None = None
+    requests: int | None = None
+    duration: float | None = None
+    seed: int | None = None
+    alpha: float | None = None
+    ranks: tuple[int, ...] | None = None  # adapter rank(s), overriding [adapters] ranks
+    strategies: tuple[str, ...] = STRATEGIES  # the single baseline is always run (first)
+    model: str = "mistral-7b"
+    device: str = "h200"
+    executor: str = "modeled"  # or "measured"
+    profile: str | None = None  # JSON replacing device figures / cost-model efficiencies
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    chunked_prefill: bool = False
+    block_size: int = 16  # KV-cache block, tokens
+    kv_policy: str = "reserve"  # "reserve" (wait for memory) or "preempt" (grow, preempt newest)
+    max_loras: int | None = None  # per-lora GPU slots = distinct adapters per batch (None: matched memory)
+    max_cpu_loras: int | None = None  # host-memory adapter cache (None: all adapters in host memory)
+    storage_bandwidth: float = 2e9  # bytes/s reading an adapter missing from the host cache
+    ttft_slo_ms: float = 2000.0
+    tpot_slo_ms: float = 100.0
+
+    def __post_init__(self) -> None:
+        strategies = tuple(self.strategies)
+        unknown = [s for s in strategies if s not in STRATEGIES]
+        if unknown:
+            raise LorabenchError(f"strategies: unknown {', '.join(unknown)}; choose among {', '.join(STRATEGIES)}")
+        object.__setattr__(self, "strategies", ("single",) + tuple(s for s in STRATEGIES[1:] if s in strategies))
+        if self.ranks is not None:
+            object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
+        checks = [
+            ("n_loras", self.n_loras is None or self.n_loras >= 1, ">= 1"),
+            ("rate", self.rate is None or self.rate > 0, "> 0 requests per second"),
+            ("requests", self.requests is None or self.requests >= 1, ">= 1"),
+            ("duration", self.duration is None or self.duration > 0, "> 0 seconds"),
+            ("alpha", self.alpha is None or self.alpha >= 0, ">= 0"),
+            ("ranks", self.ranks is None or (len(self.ranks) > 0 and min(self.ranks) >= 1), "positive integers"),
+            ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "in (0, 1]"),
+            ("max_num_seqs", self.max_num_seqs >= 1, ">= 1"),
+            ("max_num_batched_tokens", self.max_num_batched_tokens >= self.max_num_seqs, ">= max_num_seqs"),
+            ("block_size", self.block_size >= 1, ">= 1"),
+            ("kv_policy", self.kv_policy in KV_POLICIES, f"one of {', '.join(KV_POLICIES)}"),
+            ("max_loras", self.max_loras is None or self.max_loras >= 1, ">= 1"),
+            ("max_cpu_loras", self.max_cpu_loras is None or self.max_cpu_loras >= 1, ">= 1"),
+            ("storage_bandwidth", self.storage_bandwidth > 0, "> 0"),
+            ("executor", self.executor in EXECUTORS, f"one of {', '.join(EXECUTORS)}"),
+            ("ttft_slo_ms", self.ttft_slo_ms > 0, "> 0"),
+            ("tpot_slo_ms", self.tpot_slo_ms > 0, "> 0"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                raise LorabenchError(f"{name} must be {what}, got {getattr(self, name)!r}")
+
+    def load_workload(self) -> Workload:
+        return load_workload(self.workload, n_loras=self.n_loras, requests=self.requests, duration=self.duration,
+                             seed=self.seed, rate=self.rate, alpha=self.alpha, ranks=self.ranks)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise LorabenchError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "RunConfig":
+        """Reload a run's config.json (or a JSON object of RunConfig fields)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise LorabenchError(f"{path}: cannot read a run config ({err})") from None
+        return cls.from_dict(data.get("config", data), source=str(path))
+
+
+def _executor_factory(name: str):
+    try:
+        return importlib.import_module(EXECUTORS[name]).make_executor
+    except ModuleNotFoundError as err:
+        if err.name == EXECUTORS[name]:
+            raise LorabenchError(f"executor {name!r} is not available in this installation") from None
+        raise
+
+
+def _resolve_device(config: RunConfig) -> DeviceSpec:
+    """The device preset, with a profile's device figures applied."""
+    device = device_preset(config.device)
+    if config.profile is not None:
+        device, _ = apply_profile(load_profile(config.profile), device, Efficiency())
+    return device
+
+
+class StrategyUnavailable(RuntimeError):
+    """The strategy cannot serve this experiment (its message is the summary's status)."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """What every strategy of one run shares: the request stream, model, device, adapters."""
+
+    config: RunConfig
+    workload: Workload
+    requests: Requests
+    model: ModelShape
+    device: DeviceSpec
+    ranks: np.ndarray  # rank of every adapter
+    clusters: np.ndarray  # cluster of every adapter (compressed)
+
+    @classmethod
+    def build(cls, config: RunConfig) -> "Experiment":
+        workload = config.load_workload()
+        requests = workload.generate()
+        longest = int(requests.prompt_tokens.max()) if len(requests) else 0
+        if not config.chunked_prefill and longest > config.max_num_batched_tokens:
+            raise LorabenchError(
+                f"max_num_batched_tokens ({config.max_num_batched_tokens}) is below the longest prompt of workload "
+                f"{workload.source} ({longest} tokens): raise it or enable chunked prefill"
+            )
+        return cls(config, workload, requests, model_preset(config.model), _resolve_device(config),
+                   workload.adapter_ranks(), workload.adapter_clusters())
+
+    def strategy(self, name: str) -> Strategy:
+        ad = self.workload.adapters
+        return build_strategy(name, self.model, self.ranks, ad.target_modules, ad.compressed_rank, ad.clusters)
+
+    def plan(self, strategy: Strategy) -> MemoryPlan:
+        """The strategy's share of the fair budget; per-lora slots default to the compressed
+        strategy's adapter memory (matched memory, as the paper compared)."""
+        compressed = self.strategy("compressed")
+        cfg = self.config
+        return plan_memory(strategy, self.model.params * 2, self.device.memory_bytes, cfg.gpu_memory_utilization,
+                           self.workload.n_loras, cfg.max_loras, compressed.shared_bytes + compressed.total_adapter_bytes)
+
+    def serve(self, name: str, executor: Executor | None = None, progress=None) -> RunResult:
+        """Run strategy `name` on the request stream. `executor` replaces the configured one.
+        Raises StrategyUnavailable when it cannot (its memory does not fit, or a request never can)."""
+        cfg, ad = self.config, self.workload.adapters
+        strategy = self.strategy(name)
+        plan = self.plan(strategy)
+        if plan.status != "ok":
+            raise StrategyUnavailable(plan.status)
+        if executor is None:
+            lora = LoraSetup(name, self.ranks, ad.target_modules, ad.compressed_rank, self.clusters, plan.slots)
+            executor = _executor_factory(cfg.executor)(cfg, self.model, self.device, lora)
+        sched = SchedulerConfig(
+            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            chunked_prefill=cfg.chunked_prefill, block_size=cfg.block_size, kv_policy=cfg.kv_policy,
+        )
+        replica = Replica(self.requests, strategy, plan, executor, sched,
+                          kv_bytes_per_token(self.model.layers, self.model.kv_dim), cfg.max_cpu_loras,
+                          cfg.storage_bandwidth, progress=progress)
+        try:
+            return replica.run()
+        except SimulationStuck as err:
+            raise StrategyUnavailable(f"cannot serve: {err}") from None
+
+
+def run_experiment(config: RunConfig, out_dir: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+    """Serve the workload with every strategy of `config`; return the summary (one row per strategy).
+
+    With `out_dir`, also writes the run folder there atomically (it must not exist yet)."""
+    exp = Experiment.build(config)
+    slo = SLO(config.ttft_slo_ms, config.tpot_slo_ms)
+    rows, frames = [], {}
+    for name in config.strategies:
+        row = {"strategy": name, "status": "ok"}
+        bar = tqdm(total=len(exp.requests), desc=f"{name:>10}", unit="req", disable=not progress)
+        try:
+            result = exp.serve(name, progress=bar)
+        except StrategyUnavailable as why:
+            row["status"] = str(why)
+        else:
+            row.update(summarize(result, slo))
+            frames[name] = (requests_frame(result), steps_frame(result))
+        finally:
+            bar.close()
+        rows.append(row)
+    summary = _summary_frame(rows, config, exp.workload, exp.device, exp.model, len(exp.requests))
+    if out_dir is not None:
+        _write_run(out_dir, config, exp.workload, exp.model, exp.device, summary, frames)
+    return summary
+
+
+def _summary_frame(rows, config, workload, device, model, n_requests) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    for col in SUMMARY_COLUMNS:
+        if col not in df:
+            df[col] = np.nan
+    df["n_loras"] = workload.n_loras
+    df["device"], df["model"], df["workload"] = device.name, model.name, workload.name
+    df["executor"], df["requests"] = config.executor, n_requests
+    base = df.loc[df["strategy"] == "single", "output_throughput"]
+    df["throughput_vs_single"] = df["output_throughput"] / float(base.iloc[0]) if len(base) else np.nan
+    return df[list(SUMMARY_COLUMNS)]
+
+
+def _write_run(out_dir, config, workload, model, device, summary, frames) -> None:
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "config.json", {
+            "config": config.to_dict(),
+            "workload": workload.to_dict(),
+            "model": dataclasses.asdict(model),
+            "device": dataclasses.asdict(device),
+            "lorabench_version": __version__,
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
+        write_csv(tmp / "summary.csv", summary)
+        for name in config.strategies:
+            req, steps = frames.get(name, (pd.DataFrame(columns=REQUEST_COLUMNS), pd.DataFrame(columns=STEP_COLUMNS)))
+            write_csv(tmp / "requests" / f"{name}.csv", req)
+            write_csv(tmp / "steps" / f"{name}.csv", steps)

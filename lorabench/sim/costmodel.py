@@ -1,0 +1,239 @@
+"""The modeled executor: a roofline of one Llama/Mistral-shaped decoder step, per strategy.
+
+Each kernel takes max(FLOPs / (peak x eff), bytes / (bandwidth x eff)) plus a fixed cost (launch from
+a CUDA graph, ramp-up and tail); a step is the sum over the kernels of every layer, the LM head and a
+per-step host overhead. The base model per layer: RMSNorm, fused QKV GEMM, RoPE, attention (KV bytes
+read, query-key FLOPs), O GEMM, residual + RMSNorm, fused gate/up GEMM, SiLU-mul, down GEMM, residual.
+
+LoRA adds, per target module:
+- single:     a shrink and an expand GEMM (two kernels) on the one adapter.
+- per-lora:   segmented shrink/expand (Punica/vLLM). Reads every distinct adapter of the batch once,
+              plus a cost per segment, per segment x token (the grid spans token tiles x segments)
+              and, as vLLM's default launch does, per *resident slot* the batch does not use.
+- paged:      the same segmented kernels with a grid sized to the distinct adapters (S-LoRA
+              launches per segment), rows gathered by page index (`paged_gather` slowdown).
+- compressed: x @ V per cluster present, a per-token R x R product with the gathered S_i, @ U^T
+              per cluster (three kernels; each cluster present is one more segment).
+
+`Efficiency` holds every factor and fixed cost. Its defaults are calibrated on the H200 figures of
+anchors.md (torch 2.11, CUDA graphs): the base layer's decode time at batch 1/16/64/256 (163.7 /
+169.2 / 200.4 / 344.7 us), the single-LoRA kernels (12.8 us at M = 1, 20.4 us at M = 1024), and the
+vLLM multi-LoRA kernels (a least-squares fit of the 13 rows: 14.1 + 0.36 D + 0.0059 M + 0.0007 D M
+us specialized, plus ~0.07 (1 + M / 256) us per unused slot with the default grid). A measured
+profile (`lorabench profile`, issue 5) replaces any of them: `apply_profile` takes the fields a
+profile JSON names ({"device": {...}, "efficiency": {...}}) and keeps the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lorabench.errors import LorabenchError
+from lorabench.presets import DeviceSpec, ModelShape
+from lorabench.sim.executor import Step
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fractions of the device's ceilings kernels reach, and fixed costs (seconds)."""
+
+    gemm_flops: float = 0.95  # dense GEMMs, fraction of DeviceSpec.bf16_flops (measured on 8192^3)
+    memory: float = 0.90  # weight / activation streaming, fraction of DeviceSpec.mem_bandwidth
+    attention_memory: float = 1.00  # decode attention reading the KV cache (reads only: at the copy rate)
+    attention_flops: float = 0.60  # prefill attention (flash kernels reach less than a GEMM)
+    elementwise_kernels: int = 5  # per layer: 2 norms, RoPE, SiLU-mul, residual
+    lora_kernel_s: float = 5.5e-6  # fixed cost of one LoRA kernel (12.8 us for two at M = 1; 43 us per layer)
+    lora_segment_s: float = 0.29e-6  # per distinct adapter per module (0.36 us fit minus its bytes)
+    lora_segment_token_s: float = 0.70e-9  # per (segment x token of the batch) per module
+    lora_empty_slot_s: float = 0.07e-6  # per-lora default grid: per unused resident slot per module
+    paged_gather: float = 1.10  # paged kernels vs per-lora ones (page-table gather); assumed, not measured
+    step_overhead_s: float = 0.0  # host-side scheduling and sampling per step (CUDA graphs: ~0)
+
+
+def _replace_fields(obj, values: dict, where: str):
+    names = {f.name for f in dataclasses.fields(obj)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise LorabenchError(f"{where}: unknown field(s) {', '.join(unknown)}; expected among {', '.join(sorted(names))}")
+    for key, value in values.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise LorabenchError(f"{where}: field {key} must be a non-negative number, got {value!r}")
+    return dataclasses.replace(obj, **values)
+
+
+def load_profile(path: str | Path) -> dict:
+    """A profile JSON: {"device": {DeviceSpec fields}, "efficiency": {Efficiency fields}}, both optional."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LorabenchError(f"profile {path}: no such file") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise LorabenchError(f"profile {path}: not readable JSON ({err})") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k, {}), dict) for k in ("device", "efficiency")):
+        raise LorabenchError(f"profile {path}: expected an object with optional objects device and efficiency")
+    return {"source": str(path), **data}
+
+
+def apply_profile(profile: dict, device: DeviceSpec, efficiency: Efficiency) -> tuple[DeviceSpec, Efficiency]:
+    """The device and efficiency with the fields a profile names replaced (the rest kept)."""
+    source = profile.get("source", "profile")
+    device_fields = {k: v for k, v in profile.get("device", {}).items() if k not in ("name", "measured")}
+    if device_fields:
+        device = _replace_fields(device, device_fields, f"profile {source}: device")
+    efficiency = _replace_fields(efficiency, profile.get("efficiency", {}), f"profile {source}: efficiency")
+    return device, efficiency
+
+
+def make_executor(config, model: ModelShape, device: DeviceSpec, lora: "LoraSetup") -> "ModeledExecutor":
+    """The runner's entry point (`RunConfig.executor == "modeled"`); `device` already has the
+    profile's device figures, this applies its efficiencies."""
+    efficiency = Efficiency()
+    if config.profile is not None:
+        _, efficiency = apply_profile(load_profile(config.profile), device, efficiency)
+    return ModeledExecutor(model, device, lora, efficiency)
+
+
+@dataclass(frozen=True)
+class LoraSetup:
+    """What the LoRA cost needs to know of the strategy's adapters."""
+
+    strategy: str
+    ranks: np.ndarray  # rank of every adapter
+    target_modules: tuple[str, ...]
+    compressed_rank: int = 64
+    clusters: np.ndarray | None = None  # cluster of every adapter (compressed)
+    resident_slots: int = 1  # per-lora: slots the default grid spans
+
+
+class ModeledExecutor:
+    """Predicts step and load times of `model` on `device` for one strategy (see module docstring)."""
+
+    name = "modeled"
+
+    def __init__(self, model: ModelShape, device: DeviceSpec, lora: LoraSetup,
+                 efficiency: Efficiency | None = None, dtype_bytes: int = 2):
+        self.model, self.device, self.lora = model, device, lora
+        self.eff = efficiency or Efficiency()
+        self.dtype_bytes = dtype_bytes
+        self._kernel_s = device.launch_overhead_s  # fixed cost of one base-model kernel
+        self._flops_rate = device.bf16_flops * self.eff.gemm_flops
+        self._byte_rate = device.mem_bandwidth * self.eff.memory
+        h, kv, inter = model.hidden, model.kv_dim, model.intermediate
+        # Base GEMMs of one layer as (d_in, d_out), fused as serving engines run them.
+        self._gemms = ((h, h + 2 * kv), (h, h), (h, 2 * inter), (inter, h))
+        self._modules = tuple(model.module_shape(m) for m in lora.target_modules)
+        self._uniform_rank = len(np.unique(lora.ranks)) == 1
+        self._max_rank = int(lora.ranks.max())
+        self._n_clusters = 1 if lora.clusters is None else int(lora.clusters.max()) + 1
+        self._memo: dict[tuple, float] = {}
+
+    # --- roofline pieces ------------------------------------------------------------------
+
+    def _kernel(self, flops: float, nbytes: float, fixed: float) -> float:
+        return max(flops / self._flops_rate, nbytes / self._byte_rate) + fixed
+
+    def _gemm(self, m: int, d_in: int, d_out: int, fixed: float, weight_copies: float = 1.0) -> float:
+        """y (m x d_out) = x (m x d_in) @ W^T, reading W `weight_copies` times."""
+        b = self.dtype_bytes
+        return self._kernel(2.0 * m * d_in * d_out, b * (weight_copies * d_in * d_out + m * (d_in + d_out)), fixed)
+
+    def _dense_part(self, tokens: int, rows: int) -> float:
+        """Everything but attention and LoRA, for `tokens` tokens and `rows` sequences (LM head)."""
+        key = ("dense", tokens, rows)
+        if key not in self._memo:
+            h, b, e = self.model.hidden, self.dtype_bytes, self.eff
+            layer = sum(self._gemm(tokens, d_in, d_out, self._kernel_s) for d_in, d_out in self._gemms)
+            # Elementwise kernels each read and write about a hidden-sized row per token (SiLU-mul
+            # reads two intermediate rows and writes one).
+            elementwise = (4 * tokens * h * b + 3 * tokens * self.model.intermediate * b) / self._byte_rate
+            layer += elementwise + e.elementwise_kernels * self._kernel_s
+            head = self._gemm(rows, h, self.model.vocab, self._kernel_s)
+            self._memo[key] = self.model.layers * layer + head + e.step_overhead_s
+        return self._memo[key]
+
+    def _attention(self, step: Step) -> float:
+        """One layer's attention: query-key pairs of every row (a prefill chunk of c tokens ending at
+        context n attends c (n - (c - 1) / 2) pairs) and the KV bytes it reads."""
+        context = float(step.context_lens.sum())
+        if step.num_tokens == step.batch_size:  # decode only: one query per row
+            pairs = context
+        else:
+            pairs = float((step.tokens * (step.context_lens - (step.tokens - 1) * 0.5)).sum())
+        kv_bytes = context * 2 * self.model.kv_dim * self.dtype_bytes
+        flops = 4.0 * self.model.hidden * pairs
+        return max(
+            flops / (self.device.bf16_flops * self.eff.attention_flops),
+            kv_bytes / (self.device.mem_bandwidth * self.eff.attention_memory),
+        ) + self._kernel_s
+
+    # --- LoRA per strategy ------------------------------------------------------------------
+
+    def _lora(self, step: Step) -> float:
+        """LoRA time of one layer (all target modules)."""
+        m, strategy = step.num_tokens, self.lora.strategy
+        if strategy == "compressed":
+            present = 1 if self._n_clusters == 1 else len(np.unique(self.lora.clusters[step.adapters]))
+            key = (m, present, step.distinct_adapters)
+            if key not in self._memo:
+                self._memo[key] = self._compressed(m, present, step.distinct_adapters)
+            return self._memo[key]
+        if strategy == "single":
+            segments, rank, rank_sum = 1, self._max_rank, self._max_rank
+        else:
+            segments = step.distinct_adapters
+            if self._uniform_rank or strategy == "per-lora":  # per-lora slots are padded to max_lora_rank
+                rank, rank_sum = self._max_rank, segments * self._max_rank
+            else:
+                rank_sum = int(self.lora.ranks[np.unique(step.adapters)].sum())
+                rank = rank_sum / segments
+        key = (m, segments, rank_sum)
+        if key not in self._memo:
+            self._memo[key] = self._segmented(m, segments, rank, rank_sum, strategy)
+        return self._memo[key]
+
+    def _compressed(self, m: int, present: int, distinct: int) -> float:
+        """x @ V, the per-token S_i product, @ U^T, for `present` clusters and `distinct` adapters."""
+        r, e, b = self.lora.compressed_rank, self.eff, self.dtype_bytes
+        total = 0.0
+        for d_in, d_out in self._modules:
+            down = self._kernel(2.0 * m * d_in * r, b * (present * d_in * r + m * (d_in + r)), e.lora_kernel_s)
+            # S_i gathered per token ([m, r, r]) then a batched product: reads S of the distinct
+            # adapters, writes and reads the gathered copy.
+            mid = self._kernel(2.0 * m * r * r, b * (distinct * r * r + 2 * m * r * r + 2 * m * r), e.lora_kernel_s)
+            up = self._kernel(2.0 * m * r * d_out, b * (present * r * d_out + m * (r + 2 * d_out)), e.lora_kernel_s)
+            total += down + mid + up + present * e.lora_segment_s
+        return total
+
+    def _segmented(self, m: int, segments: int, rank: float, rank_sum: float, strategy: str) -> float:
+        """Shrink + expand over `segments` same-adapter segments for every target module."""
+        e, b = self.eff, self.dtype_bytes
+        total = 0.0
+        for d_in, d_out in self._modules:
+            shrink = self._kernel(2.0 * m * d_in * rank, b * (rank_sum * d_in + m * (d_in + rank)), e.lora_kernel_s)
+            expand = self._kernel(2.0 * m * rank * d_out, b * (rank_sum * d_out + m * (rank + 2 * d_out)), e.lora_kernel_s)
+            grid = segments * (e.lora_segment_s + m * e.lora_segment_token_s)
+            if strategy == "per-lora":
+                unused = max(self.lora.resident_slots + 1 - segments, 0)
+                grid += unused * e.lora_empty_slot_s * (1 + m / 256)
+            elif strategy == "paged":
+                grid *= e.paged_gather
+                shrink, expand = shrink * e.paged_gather, expand * e.paged_gather
+            total += shrink + expand + grid
+        return total
+
+    # --- the Executor protocol --------------------------------------------------------------
+
+    def step(self, step: Step) -> float:
+        if step.batch_size == 0:
+            return 0.0
+        per_layer = self._attention(step) + self._lora(step)
+        return self._dense_part(step.num_tokens, step.batch_size) + self.model.layers * per_layer
+
+    def load(self, nbytes: int, copies: int = 1) -> float:
+        return nbytes / self.device.host_link_bandwidth + copies * self.device.copy_latency_s

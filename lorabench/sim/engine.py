@@ -1,0 +1,228 @@
+"""The SimPy replica: one GPU serving a request stream with continuous batching.
+
+One process loops over batch iterations: take arrivals, admit (scheduler.py), charge synchronous
+adapter loads, run the step (its duration from the executor), apply it. Prefetched loads are SimPy
+timeouts on the host->GPU link (copies serialize on it) that wake the replica when it idles.
+
+Events are per batch, never per token: a run of decode-only iterations in which no request
+finishes, no request arrives and no load lands is applied at once (`iterations` > 1 in the step
+record; each iteration still gets its own executor call, with the context grown by one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from lorabench.sim.executor import Executor, Step
+from lorabench.sim.memory import AdapterCache, KVCache, MemoryPlan, Pool
+from lorabench.sim.scheduler import BLOCKS, CTX, OUT_LEFT, Scheduler, SchedulerConfig
+from lorabench.strategies import Strategy
+from lorabench.workload import Requests
+
+STEP_FIELDS = ("start_s", "duration_s", "batch_size", "tokens", "prefill_tokens", "distinct_adapters",
+               "memory_gib", "iterations")
+
+
+class SimulationStuck(RuntimeError):
+    """No request can ever be admitted (e.g. one needs more KV cache than the whole budget)."""
+
+
+@dataclass
+class RunResult:
+    """Everything one strategy's run produced; `metrics.summarize` turns it into a summary row."""
+
+    strategy: str
+    requests: Requests  # as served (the single strategy's adapters are all 0)
+    first_token_s: np.ndarray
+    finish_s: np.ndarray
+    steps: dict[str, np.ndarray]
+    plan: MemoryPlan
+    adapter_loads: int = 0
+    adapter_load_bytes: int = 0
+    load_stall_s: float = 0.0
+    adapter_hit_rate: float = float("nan")
+    peak_kv_bytes: int = 0
+    peak_adapter_bytes: int = 0  # resident adapters + shared bases
+    peak_total_bytes: int = 0  # weights + KV + adapters
+    kv_capacity_bytes: int = 0
+    preemptions: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Replica:
+    def __init__(self, requests: Requests, strategy: Strategy, plan: MemoryPlan, executor: Executor,
+                 config: SchedulerConfig, kv_bytes_per_token: int, host_slots: int | None = None,
+                 storage_bandwidth: float = 2e9, progress=None):
+        self.env = simpy.Environment()
+        self.strategy, self.plan, self.executor = strategy, plan, executor
+        self.storage_bandwidth = storage_bandwidth
+        self.progress = progress
+        n_loras = len(strategy.adapter_bytes)
+        adapters = np.zeros(len(requests), dtype=np.int64) if strategy.name == "single" else requests.adapter
+        self.requests = Requests(requests.arrival_s, adapters, requests.prompt_tokens, requests.output_tokens)
+        self.in_use = np.zeros(n_loras, dtype=np.int64)
+        if strategy.shared_pool:
+            adapter_pool = kv_pool = Pool(plan.adapter_capacity)
+        else:
+            adapter_pool, kv_pool = Pool(plan.adapter_capacity), Pool(plan.kv_capacity)
+        preloaded = range(plan.slots) if plan.preload else ()
+        self.cache = AdapterCache(adapter_pool, strategy, self.in_use, host_slots, preloaded)
+        self.kv = KVCache(kv_pool, config.block_size, kv_bytes_per_token, self.cache if strategy.shared_pool else None)
+        config = SchedulerConfig(**{**config.__dict__, "max_distinct": plan.max_distinct, "prefetch": strategy.prefetch})
+        self.cfg = config
+        self.sched = Scheduler(self.requests, adapters, config, self.cache, self.kv, self.in_use, strategy.name)
+        self.link_free_s = 0.0  # when the host->GPU link finishes its queued copies
+        self.inflight = 0
+        self.wake: simpy.Event | None = None
+        self.loads = 0
+        self.load_bytes = 0
+        self.load_stall_s = 0.0
+        self.peak = {"kv": 0, "adapters": 0, "total": 0}
+        self.rows: dict[str, list] = {f: [] for f in STEP_FIELDS}
+
+    # --- loads ----------------------------------------------------------------------------
+
+    def _copy_time(self, a: int) -> float:
+        nbytes = int(self.strategy.load_bytes[a])
+        self.loads += 1
+        self.load_bytes += nbytes
+        t = self.executor.load(nbytes, self.strategy.copies_per_load)
+        if self.cache.host_miss(a):
+            t += nbytes / self.storage_bandwidth
+        return t
+
+    def _sync_loads(self) -> float:
+        """Copy time of the adapters admitted without being resident: the step waits for them."""
+        loads = self.sched.sync_loads
+        if not loads:
+            return 0.0
+        now = self.env.now
+        for a in loads:
+            self.link_free_s = max(self.link_free_s, now) + self._copy_time(a)
+        loads.clear()
+        stall = self.link_free_s - now
+        self.load_stall_s += stall
+        return stall
+
+    def _prefetch(self, adapters: list[int]) -> None:
+        for a in dict.fromkeys(adapters):
+            if self.cache.resident[a]:
+                continue
+            if not self.cache.reserve(a):
+                break
+            self.link_free_s = max(self.link_free_s, self.env.now) + self._copy_time(a)
+            self.inflight += 1
+            done = self.env.timeout(self.link_free_s - self.env.now, value=a)
+            done.callbacks.append(self._landed)
+
+    def _landed(self, event) -> None:
+        self.cache.loaded(event.value)
+        self.inflight -= 1
+        self.sched.epoch += 1
+        if self.wake is not None and not self.wake.triggered:
+            self.wake.succeed()
+
+    # --- the replica process ----------------------------------------------------------------
+
+    def _note_memory(self) -> float:
+        kv, adapters = self.kv.used, self.cache.used + self.plan.shared_bytes
+        total = self.plan.weights + kv + adapters
+        peak = self.peak
+        peak["kv"] = max(peak["kv"], kv)
+        peak["adapters"] = max(peak["adapters"], adapters)
+        peak["total"] = max(peak["total"], total)
+        return total
+
+    def _process(self):
+        env, s = self.env, self.sched
+        while not s.done:
+            s.take_arrivals(env.now)
+            to_load = s.admit()
+            stall = self._sync_loads()
+            if to_load:
+                self._prefetch(to_load)
+            if self.cfg.kv_policy == "preempt" and s.num_running:
+                s.grow_kv()
+            memory = self._note_memory()
+            if s.num_running == 0:
+                yield from self._idle()
+                continue
+            step, rows = s.build_step()
+            iterations, duration = self._iterations(step, rows)
+            start = env.now
+            yield env.timeout(stall + duration)
+            done_before = s.completed
+            s.complete(step, rows, env.now, iterations)
+            self._record(start, stall + duration, step, iterations, memory)
+            if self.progress is not None and s.completed > done_before:
+                self.progress.update(s.completed - done_before)
+
+    def _idle(self):
+        env, s = self.env, self.sched
+        nxt = s.next_arrival_s()
+        if not self.inflight and not np.isfinite(nxt):
+            r = s.first_waiting()
+            raise SimulationStuck(
+                f"request {r} (prompt {int(s.req.prompt_tokens[r])}, output {int(s.req.output_tokens[r])} tokens) "
+                f"can never be admitted: KV cache {self.kv.capacity_blocks()} blocks of {self.kv.block_size} tokens"
+            )
+        self.wake = env.event()
+        waits = [self.wake] if self.inflight else []
+        if np.isfinite(nxt):
+            waits.append(env.timeout(max(nxt - env.now, 0.0)))
+        start = env.now
+        yield env.any_of(waits)
+        if env.now >= nxt - 1e-9:  # woken for that arrival: take it even if float rounding fell short
+            s.take_arrivals(nxt)
+        if s.n_waiting and self.inflight:  # idle only because adapters are still on their way
+            self.load_stall_s += env.now - start
+        self.wake = None
+
+    def _iterations(self, step: Step, rows) -> tuple[int, float]:
+        """How many identical decode iterations to apply at once, and their total duration."""
+        first = self.executor.step(step)
+        s = self.sched
+        if rows is not None or self.inflight or s.prefilling:
+            return 1, first
+        st = s.state
+        k_max = int(st[:, OUT_LEFT].min())
+        if self.cfg.kv_policy == "preempt":  # stay within the blocks every row holds now
+            k_max = min(k_max, int((st[:, BLOCKS] * self.kv.block_size - st[:, CTX]).min()))
+        next_arrival = s.next_arrival_s()
+        now = self.env.now
+        t, k = now + first, 1
+        ctx = step.context_lens
+        while k < k_max and t < next_arrival:
+            t += self.executor.step(Step(step.strategy, step.tokens, ctx + k, step.adapters, step.is_prefill,
+                                         step.distinct_adapters))
+            k += 1
+        return k, t - now
+
+    def _record(self, start: float, duration: float, step: Step, iterations: int, memory: int) -> None:
+        r = self.rows
+        r["start_s"].append(start)
+        r["duration_s"].append(duration)
+        r["batch_size"].append(step.batch_size)
+        r["tokens"].append(step.num_tokens * iterations)
+        r["prefill_tokens"].append(step.prefill_tokens)
+        r["distinct_adapters"].append(step.distinct_adapters)
+        r["memory_gib"].append(memory / 2**30)
+        r["iterations"].append(iterations)
+
+    def run(self) -> RunResult:
+        self.env.process(self._process())
+        self.env.run()
+        s = self.sched
+        hit = 1.0 - s.missed.mean() if len(s.missed) else float("nan")
+        return RunResult(
+            strategy=self.strategy.name, requests=self.requests,
+            first_token_s=s.first_token_s, finish_s=s.finish_s,
+            steps={f: np.asarray(v) for f, v in self.rows.items()}, plan=self.plan,
+            adapter_loads=self.loads, adapter_load_bytes=self.load_bytes, load_stall_s=self.load_stall_s,
+            adapter_hit_rate=hit, peak_kv_bytes=self.peak["kv"], peak_adapter_bytes=self.peak["adapters"],
+            peak_total_bytes=self.peak["total"], kv_capacity_bytes=self.kv.pool.capacity,
+            preemptions=s.preemptions,
+        )

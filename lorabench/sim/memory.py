@@ -1,0 +1,211 @@
+"""GPU memory of one replica: the budget split per strategy, byte pools, resident adapters, KV blocks.
+
+Fair memory: every strategy gets the same budget, device memory x utilization - base weights, and
+splits it between adapters and the KV cache (`plan_memory`). The paged strategy puts both in one
+pool (adapters evicted to make room for KV); the others give adapters a fixed part.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from lorabench.strategies import Strategy
+
+
+class OutOfMemory(RuntimeError):
+    """An allocation beyond a pool's capacity: a simulator bug, never a user error."""
+
+
+class Pool:
+    """Bytes of GPU memory that KV blocks and/or adapters are allocated from."""
+
+    def __init__(self, capacity: int):
+        self.capacity = int(capacity)
+        self.used = 0
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.used
+
+    def alloc(self, nbytes: int) -> None:
+        if nbytes > self.free:
+            raise OutOfMemory(f"allocating {nbytes} B with {self.free} B free of {self.capacity}")
+        self.used += nbytes
+
+    def release(self, nbytes: int) -> None:
+        self.used -= nbytes
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How one strategy uses the budget. Bytes; `adapter_capacity` excludes `shared_bytes`."""
+
+    budget: int  # device memory x utilization - weights
+    weights: int
+    shared_bytes: int  # compressed: the bases, always resident
+    adapter_capacity: int  # bytes for resident adapters (paged: the whole pool, shared with KV)
+    kv_capacity: int  # bytes for the KV cache (paged: the whole pool)
+    max_distinct: int | None  # cap of distinct adapters per batch (per-lora: max_loras)
+    slots: int  # adapters that fit at once (per-lora: max_loras; compressed: S_i that fit)
+    preload: bool  # adapters 0 .. slots-1 resident from the start (single: its one; compressed: all S_i)
+    status: str = "ok"
+
+
+def plan_memory(strategy: Strategy, weights: int, device_bytes: int, utilization: float,
+                n_loras: int, max_loras: int | None, matched_adapter_bytes: int) -> MemoryPlan:
+    """Split the budget for `strategy`.
+
+    per-lora: `max_loras` slots (default: as many as fit in `matched_adapter_bytes`, the memory the
+    compressed strategy's adapters take, as the paper matched memory; at least 1, at most n_loras).
+    compressed: the bases plus every S_i when they fit in half the budget, else as many S_i as do.
+    paged: one pool for adapters and KV. single: one adapter.
+    """
+    budget = int(device_bytes * utilization) - weights
+    slot = int(strategy.adapter_bytes.max())
+    fail = lambda why: MemoryPlan(budget, weights, 0, 0, 0, None, 0, False, why)  # noqa: E731
+    if budget <= 0:
+        return fail(f"base weights ({weights / 2**30:.1f} GiB) do not fit in {utilization:.0%} of the device")
+    if strategy.name == "single":
+        return MemoryPlan(budget, weights, 0, slot, budget - slot, None, 1, True)
+    if strategy.name == "paged":
+        return MemoryPlan(budget, weights, 0, budget, budget, None, n_loras, False)
+    if strategy.name == "per-lora":
+        slots = max_loras if max_loras is not None else min(n_loras, max(1, matched_adapter_bytes // slot))
+        need = slots * slot
+        if need >= budget:
+            return fail(f"adapters do not fit: {slots} slots x {slot / 2**20:.1f} MiB exceed the {budget / 2**30:.1f} GiB budget")
+        return MemoryPlan(budget, weights, 0, need, budget - need, slots, slots, False)
+    # compressed
+    shared = strategy.shared_bytes
+    if shared >= budget // 2:
+        return fail(f"adapters do not fit: shared bases take {shared / 2**30:.2f} GiB, over half the budget")
+    all_s = strategy.total_adapter_bytes
+    if shared + all_s <= budget // 2:
+        return MemoryPlan(budget, weights, shared, all_s, budget - shared - all_s, None, n_loras, True)
+    slots = (budget // 2 - shared) // slot
+    return MemoryPlan(budget, weights, shared, slots * slot, budget - shared - slots * slot, slots, slots, False)
+
+
+class AdapterCache:
+    """Adapters resident on the GPU, evicted least recently used among those no running request uses.
+
+    `in_use[a]` counts running requests on adapter a (owned by the scheduler); an adapter being
+    loaded is also pinned. The host cache (vLLM's max_cpu_loras) is an LRU of adapters in host
+    memory; a miss there reads the adapter from storage first.
+    """
+
+    def __init__(self, pool: Pool, strategy: Strategy, in_use: np.ndarray, host_slots: int | None,
+                 preloaded: Iterable[int] = ()):
+        self.pool, self.strategy, self.in_use = pool, strategy, in_use
+        self.lru: OrderedDict[int, int] = OrderedDict()  # resident adapter -> bytes, least recent first
+        n = len(strategy.adapter_bytes)
+        self.resident = np.zeros(n, dtype=bool)
+        self.loading = np.zeros(n, dtype=bool)  # resident but its copy has not landed yet
+        self.host: OrderedDict[int, None] | None = None if host_slots is None else OrderedDict()
+        self.host_slots = host_slots
+        self.used = 0
+        for a in preloaded:
+            self._place(a)
+
+    def touch(self, a: int) -> None:
+        self.lru.move_to_end(a)
+
+    def make_room(self, nbytes: int) -> bool:
+        """Evict unpinned adapters, least recently used first, until `nbytes` are free."""
+        if nbytes <= self.pool.free:
+            return True
+        victims, freed = [], 0
+        for a, size in self.lru.items():
+            if self.in_use[a] == 0 and not self.loading[a]:
+                victims.append(a)
+                freed += size
+                if self.pool.free + freed >= nbytes:
+                    break
+        if self.pool.free + freed < nbytes:
+            return False
+        for a in victims:
+            self._evict(a)
+        return True
+
+    def reserve(self, a: int) -> bool:
+        """Make adapter a's GPU memory available and mark it loading; False when nothing evictable frees enough."""
+        size = int(self.strategy.adapter_bytes[a])
+        if not self.make_room(size):
+            return False
+        self._place(a)
+        self.loading[a] = True
+        return True
+
+    def loaded(self, a: int) -> None:
+        self.loading[a] = False
+
+    def host_miss(self, a: int) -> bool:
+        """Whether adapter a must be read from storage first; updates the host LRU."""
+        if self.host is None:
+            return False
+        if a in self.host:
+            self.host.move_to_end(a)
+            return False
+        self.host[a] = None
+        if len(self.host) > self.host_slots:
+            self.host.popitem(last=False)
+        return True
+
+    def _place(self, a: int) -> None:
+        size = int(self.strategy.adapter_bytes[a])
+        self.pool.alloc(size)
+        self.used += size
+        self.lru[a] = size
+        self.resident[a] = True
+
+    def _evict(self, a: int) -> None:
+        size = self.lru.pop(a)
+        self.resident[a] = False
+        self.pool.release(size)
+        self.used -= size
+
+
+class KVCache:
+    """KV cache in blocks of `block_size` tokens, drawn from a pool (possibly shared with adapters)."""
+
+    def __init__(self, pool: Pool, block_size: int, bytes_per_token: int, adapters: AdapterCache | None):
+        self.pool, self.block_size = pool, block_size
+        self.block_bytes = block_size * bytes_per_token
+        self.adapters = adapters  # evicted to make room when the pool is shared
+        self.used_blocks = 0
+
+    def blocks_for(self, tokens):
+        return -(-tokens // self.block_size)
+
+    @property
+    def used(self) -> int:
+        return self.used_blocks * self.block_bytes
+
+    def can_alloc(self, blocks: int) -> bool:
+        need = blocks * self.block_bytes
+        if need <= self.pool.free:
+            return True
+        return self.adapters is not None and self.adapters.make_room(need)
+
+    def alloc(self, blocks: int) -> bool:
+        if not self.can_alloc(blocks):
+            return False
+        self.pool.alloc(blocks * self.block_bytes)
+        self.used_blocks += blocks
+        return True
+
+    def release(self, blocks: int) -> None:
+        self.pool.release(blocks * self.block_bytes)
+        self.used_blocks -= blocks
+
+    def capacity_blocks(self) -> int:
+        return self.pool.capacity // self.block_bytes
+
+
+def kv_bytes_per_token(layers: int, kv_dim: int, dtype_bytes: int = 2) -> int:
+    """K and V of one token over all layers."""
+    return 2 * layers * kv_dim * dtype_bytes

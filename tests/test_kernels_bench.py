@@ -1,0 +1,38 @@
+"""`lorabench bench-kernels` on a tiny CPU grid, and the GPU device check run under the interpreter."""
+
+import pandas as pd
+import torch
+
+from lorabench.bench_kernels import device_check
+from lorabench.cli import main
+
+
+def test_device_check_runs_every_kernel():
+    table = device_check("cpu", dtypes=(torch.float32, torch.float16), shapes={"small": (21, 40, 24, 5, 4)})
+    assert set(table.op) == {"single", "sgmv", "bgmv", "paged", "compressed_full", "compressed_diag"}
+    assert len(table) == 12 and table.ok.all(), table.to_string()
+
+
+def test_bench_writes_a_consistent_csv(tmp_path, capsys):
+    out = tmp_path / "k.csv"
+    assert main(["bench-kernels", "--m", "1,5", "--n", "1,3", "--d", "32", "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert set(table.strategy) == {"base_gemm", "single", "per_lora", "paged", "compressed_R64", "compressed_R128"}
+    assert len(table) == 4 * 6 and (table["mode"] == "cpu").all()
+    assert (table.distinct <= table[["M", "N"]].min(axis=1)).all() and (table.distinct >= 1).all()
+    # unique adapter bytes: distinct adapters x rank 16 x (d_in + d_out) x 4 bytes (fp32)
+    assert ((table.unique_adapter_mb * 1e6 - table.distinct * 16 * 64 * 4).abs() < 1e-6).all()
+    floor = table.unique_adapter_mb * 1e6 / (table.copy_gbps * 1e9) * 1e6
+    assert ((table.floor_us - floor).abs() <= 1e-9 * floor).all()
+    assert (table.median_us > 0).all() and not list(tmp_path.glob(".*tmp"))
+    assert "median microseconds (cpu)" in capsys.readouterr().out
+    assert set(table.command) == {"lorabench bench-kernels --m 1,5 --n 1,3 --d 32 --seed 0"}
+
+
+def test_bad_arguments_are_reported(capsys):
+    assert main(["bench-kernels", "--m", "0,4"]) == 2
+    assert "--m values must be >= 1" in capsys.readouterr().err
+    assert main(["bench-kernels", "--n", "a"]) == 2
+    assert "--n takes comma-separated integers" in capsys.readouterr().err
+    assert main(["bench-kernels", "--device-check"]) == 2
+    assert "--device-check needs a CUDA GPU" in capsys.readouterr().err
