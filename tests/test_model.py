@@ -228,23 +228,35 @@ def test_triton_paged_decode_matches_torch():
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
-def test_padded_lora_batch_for_graphs_gives_the_same_delta():
-    """A CUDA graph replays a LoraBatch padded to its bucket; on the real tokens it must add the
-    same delta as the batch itself."""
-    from lorabench.kernels import LoraBatch, reference
+@pytest.mark.parametrize("strategy", ["per-lora", "paged", "compressed"])
+def test_padded_lora_batch_for_graphs_gives_the_same_delta(strategy):
+    """A CUDA graph replays a LoraBatch padded to its bucket (empty trailing segments and tiles);
+    the Triton kernels (here under the interpreter, fp32) must add the same delta on the real tokens."""
+    from lorabench import kernels
+    from lorabench.kernels import LoraBatch
     from lorabench.model.cuda_graphs import _padded_lora_batch
 
     torch.manual_seed(0)
-    ids = torch.tensor([3, 1, 3, 0, 2], dtype=torch.int32)
-    A, B, scales = torch.randn(4, 5, 16), torch.randn(4, 8, 5), torch.rand(4)
-    x = torch.randn(8, 16)
-    want = reference.per_lora(x[:5].double(), torch.zeros(5, 8, dtype=torch.float64), A.double(), B.double(),
-                              scales.double(), LoraBatch.build(ids))
-    padded = _padded_lora_batch(ids, 8)
-    assert padded.seg_starts.shape == (9,) and padded.seg_adapters.shape == (8,)
-    got = reference.per_lora(x.double(), torch.zeros(8, 8, dtype=torch.float64), A.double(), B.double(),
-                             scales.double(), padded)
-    torch.testing.assert_close(got[:5], want)
+    ids = torch.tensor([3, 1, 3, 0, 2, 3, 3, 1] * 3, dtype=torch.int32)  # 24 tokens: segmented kernels
+    n, b, d = ids.numel(), 32, 16
+    x = torch.randn(b, d)
+    if strategy == "per-lora":
+        A, B, scales = torch.randn(4, 5, d), torch.randn(4, 8, 5), torch.rand(4)
+        op = lambda x, y, batch: kernels.lora_per_lora(x, y, A, B, scales, batch, variant="sgmv", backend="triton")  # noqa: E731
+    elif strategy == "paged":
+        pool, pages = torch.randn(40, d), torch.randperm(40)[:32].view(4, 8).int()
+        ranks, scales = torch.tensor([3, 4, 2, 4], dtype=torch.int32), torch.rand(4)
+        op = lambda x, y, batch: kernels.lora_paged(x, y, pool, pages[:, :4], pages[:, 4:], ranks, scales, batch,  # noqa: E731
+                                                    backend="triton")
+    else:
+        U, V, S = torch.randn(2, 8, 6), torch.randn(2, d, 6), torch.randn(4, 6, 6)
+        cluster_of = torch.tensor([0, 1, 1, 0])
+        op = lambda x, y, batch: kernels.lora_compressed(x, y, U, V, S, cluster_of, batch, backend="triton")  # noqa: E731
+    want = op(x[:n], torch.zeros(n, 8), LoraBatch.build(ids))
+    padded = _padded_lora_batch(ids, b)
+    assert padded.seg_starts.shape == (b + 1,) and padded.tiles.shape == (b + b // 16, 3)
+    got = op(x, torch.zeros(b, 8), padded)
+    torch.testing.assert_close(got[:n], want, rtol=1e-5, atol=1e-5)
 
 
 def test_residency_loads_each_adapter_once_while_it_fits_and_evicts_lru():

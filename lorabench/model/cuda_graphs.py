@@ -85,7 +85,7 @@ class DecodeGraphs:
         static.new_k_rows[n:].fill_(self._scratch_row)
         static.new_v_rows[n:].fill_(self._scratch_row)
         static.decode_ctx_lens[n:].fill_(1)
-        for name in ("token_adapters", "sorted_tokens", "seg_starts", "seg_adapters"):
+        for name in ("token_adapters", "sorted_tokens", "seg_starts", "seg_adapters", "tiles"):
             getattr(static.lora, name).copy_(getattr(fb.graph_lora, name), non_blocking=True)
         graph.replay()
         return out[:n]
@@ -104,15 +104,22 @@ class DecodeGraphs:
         )
 
 
+GRAPH_BLOCK_M = 16  # segment-tile height of graph-replayed batches (decode: short segments)
+
+
 def _padded_lora_batch(token_adapters: torch.Tensor, b: int) -> LoraBatch:
-    """The LoraBatch of `token_adapters` padded to b tokens (padding on adapter 0) and b segments
-    (trailing segments empty), so its tensors keep one shape per bucket."""
+    """The LoraBatch of `token_adapters` padded to b tokens (padding on adapter 0), b segments
+    (trailing ones empty) and the most segment tiles b tokens can need (trailing ones empty), with
+    a fixed tile height, so that one bucket's tensors and launch sizes never change."""
     ids = torch.zeros(b, dtype=torch.int32)
     ids[: token_adapters.numel()] = token_adapters.cpu()
-    lb = LoraBatch.build(ids)
+    lb = LoraBatch.build(ids, block_m=GRAPH_BLOCK_M)
     s = lb.num_segments
     seg_starts = torch.full((b + 1,), b, dtype=torch.int32)
     seg_starts[: s + 1] = lb.seg_starts
     seg_adapters = torch.zeros(b, dtype=torch.int32)
     seg_adapters[:s] = lb.seg_adapters
-    return replace(lb, seg_starts=seg_starts, seg_adapters=seg_adapters, max_seg_len=b)
+    cap = b + -(-b // GRAPH_BLOCK_M)  # sum over segments of ceil(len / block_m) <= segments + b / block_m
+    tiles = torch.zeros(cap, 3, dtype=torch.int32)  # (adapter 0, first 0, end 0): a tile of no tokens
+    tiles[: lb.num_tiles] = lb.tiles
+    return replace(lb, seg_starts=seg_starts, seg_adapters=seg_adapters, max_seg_len=b, tiles=tiles, num_tiles=cap)
