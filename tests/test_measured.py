@@ -95,3 +95,40 @@ def test_load_is_a_real_timed_copy(small):
     step = Step("per-lora", np.array([5, 1]), np.array([5, 9]), np.array([2, 4]), np.array([True, False]), 2)
     assert ex.step(step) > 0 and ex.residency.loads == 2
     assert ex.engine.kv.num_free_tokens == ex.engine.kv.storage.shape[1]  # rows released after the step
+
+
+def test_real_collections_load_with_their_exact_deltas(tmp_path):
+    """--adapters and --compressed: the model's host layouts carry each file's delta exactly."""
+    from lorabench.adapters import ModuleKey, SynthSpec, load_collection, read_adapter, write_synth_collection
+    from lorabench.compress.collection import CompressedCollection
+    from lorabench.compress.module import CompressConfig
+    from lorabench.compress.run import compress_collection
+    from lorabench.model.collections import compressed_weights, peft_adapters
+    from lorabench.presets import model_preset
+
+    shape, modules = model_preset("tiny"), ("q_proj", "v_proj")
+    write_synth_collection(SynthSpec(n=3, ranks=(2, 4), modules=modules, seed=1), tmp_path / "coll", progress=False)
+    ours = peft_adapters(tmp_path / "coll", shape, modules, 3)
+    for i, adapter in enumerate(load_collection(tmp_path / "coll").adapters):
+        config, factors = read_adapter(adapter.folder)
+        for (layer, m) in [(0, "q_proj"), (1, "v_proj")]:
+            A, B = factors[ModuleKey(layer, m)]
+            want = config.scaling(ModuleKey(layer, m)) * B.double() @ A.double()
+            a, b = ours[i].modules[m]
+            torch.testing.assert_close(ours[i].scale * b[layer].double() @ a[layer].double(), want)
+    compress_collection(load_collection(tmp_path / "coll"), CompressConfig(rank=3, clusters=2, max_iter=3),
+                        tmp_path / "compressed", progress=False)
+    cw = compressed_weights(tmp_path / "compressed", shape, modules, 3)
+    coll = CompressedCollection.load(tmp_path / "compressed")
+    for m in modules:
+        U, V, S, cluster_of = cw.modules[m]
+        for layer in range(shape.layers):
+            for i in range(3):
+                A1, B1 = coll.module(ModuleKey(layer, m)).delta_factors(i)
+                k = int(cluster_of[layer, i])
+                torch.testing.assert_close(U[layer, k].double() @ S[layer, i].double() @ V[layer, k].double().T,
+                                           B1.double() @ A1.double(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="holds 3 adapters"):
+        peft_adapters(tmp_path / "coll", shape, modules, 5)
+    with pytest.raises(Exception, match="no weights for layers.0.k_proj"):
+        peft_adapters(tmp_path / "coll", shape, ("q_proj", "k_proj"), 3)

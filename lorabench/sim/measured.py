@@ -55,11 +55,16 @@ def make_executor(config, model: ModelShape, device: DeviceSpec, lora) -> "Measu
     while _live:  # free the previous strategy's KV cache and adapters before sizing this one's
         _live.pop().close()
     dev = torch_device(config)
+    if dev.type == "cpu":
+        torch.set_num_threads(1)  # CPU runs are smoke tests: one thread keeps times steady on shared machines
     modules, n = tuple(lora.target_modules), len(lora.ranks)
     adapters = peft_adapters(config.adapters, model, modules, n) if getattr(config, "adapters", None) else None
     compressed = None
     if lora.strategy == "compressed" and getattr(config, "compressed", None):
         compressed = compressed_weights(config.compressed, model, modules, n)
+        if compressed.rank != lora.compressed_rank:
+            raise LorabenchError(f"--compressed {config.compressed}: its shared rank is {compressed.rank}, the "
+                                 f"workload's [adapters] compressed_rank is {lora.compressed_rank}; make them agree")
     ranks = tuple(a.rank for a in adapters) if adapters else tuple(int(r) for r in lora.ranks)
     requests = config.load_workload().generate()
     max_context = int((requests.prompt_tokens + requests.output_tokens).max())
