@@ -100,7 +100,7 @@ def run_profile(model: str, strategies, ranks, n_loras: int, modules, compressed
     for strategy in strategies:
         for rank in ranks:
             setup = ServingSetup(shape, strategy, (rank,) * n_loras, modules, device=device, kv_tokens=kv_tokens,
-                                 slots=slots, compressed_rank=compressed_rank, cuda_graphs=cuda_graphs,
+                                 slots=slots, max_seqs=slots, compressed_rank=compressed_rank, cuda_graphs=cuda_graphs,
                                  max_context=max_context)
             ex = MeasuredExecutor(*build_engine(setup, model=decoder))
             for tokens, ctx, prefill, distinct in steps:

@@ -18,6 +18,8 @@ from lorabench.presets import model_preset
 TINY = model_preset("tiny")
 # Multi-head attention (kv_heads == heads): a paged KV token then needs two pages (K, V).
 TINY_MHA = dataclasses.replace(TINY, name="tiny-mha", kv_heads=TINY.heads)
+# One KV head: K and V of a token take half a page, so a paged KV page holds two tokens.
+TINY_MQA = dataclasses.replace(TINY, name="tiny-mqa", kv_heads=1)
 
 
 # ---- independent float64 reference --------------------------------------------------------------
@@ -161,6 +163,7 @@ SCHEDULE = [
         ("per-lora", "all-linear", TINY, "block"),
         ("paged", "q_proj,k_proj,v_proj,o_proj", TINY, "paged"),
         ("paged", "q_proj,k_proj,v_proj,o_proj", TINY_MHA, "paged"),
+        ("paged", "q_proj,v_proj", TINY_MQA, "paged"),
         ("compressed", "all-linear", TINY, "block"),
         ("compressed-diag", "q_proj,v_proj", TINY, "block"),
     ],
@@ -182,7 +185,7 @@ def test_adapters_change_the_output():
     assert (with_lora - without).abs().max() > 1e-2 * without.abs().max()
 
 
-@pytest.mark.parametrize("shape,kv_kind", [(TINY, "block"), (TINY_MHA, "paged")])
+@pytest.mark.parametrize("shape,kv_kind", [(TINY, "block"), (TINY_MHA, "paged"), (TINY_MQA, "paged")])
 def test_kv_cache_decode_equals_recompute(shape, kv_kind):
     """Greedy decoding with the cache gives the logits of recomputing the whole sequence."""
     engine, _ = build("none", shape, target_modules("q_proj"), kv_kind)
@@ -208,8 +211,18 @@ def test_released_sequences_return_their_blocks():
     assert engine.kv.num_free_tokens == free
 
 
-def test_triton_paged_decode_matches_torch():
-    shape = TINY_MHA
+def test_paged_kv_packs_tokens_into_pages():
+    for shape, per_page, pages_per_token in [(TINY_MQA, 2, 1), (TINY, 1, 1), (TINY_MHA, 1, 2)]:
+        engine, _ = build("none", shape, target_modules("q_proj"), "paged")
+        free = engine.kv.pool.num_free
+        engine.step([SeqWork(0, [1] * 9)])
+        assert free - engine.kv.pool.num_free == -(-9 // per_page) * pages_per_token
+        engine.release(0)
+        assert engine.kv.pool.num_free == free
+
+
+@pytest.mark.parametrize("shape", [TINY_MHA, TINY_MQA])
+def test_triton_paged_decode_matches_torch(shape):
     model_engine, _ = build("none", shape, target_modules("q_proj"), "paged")
     lens = [1, 9, 33, 4]
     for sid, n in enumerate(lens):

@@ -5,8 +5,8 @@ indices, the same in every layer. K sits at column 0 of its row, V at column `v_
 (the same row when K and V fit side by side). Two ways to hand out rows:
 
 - `BlockKVCache`: blocks of `block_size` consecutive tokens in a cache of its own (vLLM's layout);
-- `PagedKVCache`: one page of a `PagePool` per token (two when K and V do not fit in one page),
-  competing with adapter pages for the same pool (S-LoRA's unified paging): a block of one token.
+- `PagedKVCache`: pages of a `PagePool`, competing with adapter pages for the same pool (S-LoRA's
+  unified paging): a block is one page, holding as many tokens as fit side by side.
 
 Attention reads each sequence's own context through `rows(...)`, so no sequence is padded to the
 length of another.
@@ -103,21 +103,27 @@ class BlockKVCache(KVCache):
 
 
 class PagedKVCache(KVCache):
-    """KV pages from a `PagePool` that adapters share. One page per token holds K and V when
-    2 * kv_dim <= page_size (grouped-query models); otherwise K and V take a page each."""
+    """KV pages from a `PagePool` that adapters share. When K and V of a token (2 * kv_dim) divide
+    the page size, a page holds page_size / (2 kv_dim) tokens side by side (grouped-query models:
+    a 4,096-wide Mistral page holds two tokens); otherwise a token takes one page for K and V, or,
+    when they do not fit together (multi-head models with page = hidden), one page each."""
 
     def __init__(self, pool: PagePool, kv_dim: int):
         super().__init__()
         if kv_dim > pool.page_size:
             raise LorabenchError(f"paged KV cache: kv_dim {kv_dim} exceeds the page size {pool.page_size}")
-        self.pool, self.kv_dim, self.storage = pool, kv_dim, pool.pages
-        self.block_size = 1
-        self.rows_per_token = 1 if 2 * kv_dim <= pool.page_size else 2
+        self.pool, self.kv_dim = pool, kv_dim
+        width, page = 2 * kv_dim, pool.page_size
+        self.rows_per_token = 1 if width <= page else 2
+        self.block_size = page // width if self.rows_per_token == 1 and page % width == 0 else 1  # tokens per page
         self.v_col = kv_dim if self.rows_per_token == 1 else 0
+        layers, num_pages, _ = pool.pages.shape
+        # Token slot t of page p is row p * block_size + t of this view (the same memory).
+        self.storage = pool.pages.view(layers, num_pages * self.block_size, page // self.block_size)
 
     def _grow(self, blocks_held: int, total_tokens: int) -> torch.Tensor:
-        # The table lists pages: rows_per_token per token.
-        return self.pool.alloc(total_tokens * self.rows_per_token - blocks_held)
+        # The table lists pages: a page per block_size tokens, or rows_per_token pages per token.
+        return self.pool.alloc(-(-total_tokens // self.block_size) * self.rows_per_token - blocks_held)
 
     def _give_back(self, table: torch.Tensor) -> None:
         self.pool.free(table)

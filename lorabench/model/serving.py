@@ -108,6 +108,7 @@ class ServingSetup:
     modules: tuple[str, ...]
     device: str = "cpu"
     kv_tokens: int = 4096
+    max_seqs: int = 256  # sequences at once: each may leave its last KV block part empty
     slots: int = 64  # per-lora slots / paged page-table rows
     block_size: int = 16
     compressed_rank: int = 64
@@ -118,6 +119,20 @@ class ServingSetup:
     seed: int = 0
     dtype: torch.dtype | None = None  # None: bf16 on CUDA, fp32 on the CPU
     attention_backend: str = "auto"  # triton on CUDA, torch elsewhere
+
+
+def page_size(shape: ModelShape, modules) -> int:
+    """A pool page holds one row of A or column of B of any target module: the hidden size, or
+    wider when an MLP module is targeted."""
+    return max([shape.hidden] + [max(shape.module_shape(m)) for m in modules])
+
+
+def kv_tokens_per_page(shape: ModelShape, page: int) -> tuple[int, int]:
+    """(tokens per page, pages per token) of the paged KV cache (see PagedKVCache)."""
+    width = 2 * shape.kv_dim
+    if width > page:
+        return 1, 2
+    return (page // width if page % width == 0 else 1), 1
 
 
 def build_engine(setup: ServingSetup, adapters: list[AdapterWeights] | None = None,
@@ -133,14 +148,15 @@ def build_engine(setup: ServingSetup, adapters: list[AdapterWeights] | None = No
     max_rank = max(s.ranks)
     slots = min(s.slots, len(s.ranks))
     if s.strategy == "paged":
-        page = max([s.shape.hidden] + [max(s.shape.module_shape(m)) for m in s.modules])
-        rows_per_token = 1 if 2 * s.shape.kv_dim <= page else 2  # as PagedKVCache lays tokens out
-        pages = s.kv_tokens * rows_per_token + slots * 2 * max_rank * len(s.modules)
+        page = page_size(s.shape, s.modules)
+        tokens_per_page, pages_per_token = kv_tokens_per_page(s.shape, page)
+        kv_pages = (-(-s.kv_tokens // tokens_per_page) + s.max_seqs) * pages_per_token
+        pages = kv_pages + slots * 2 * max_rank * len(s.modules)
         pool = PagePool(s.shape.layers, pages, page, dtype, device)
         kv = PagedKVCache(pool, s.shape.kv_dim)
         lora: LoraState = PagedLora(pool, s.shape, s.modules, slots, max_rank)
     else:
-        num_blocks = -(-s.kv_tokens // s.block_size)
+        num_blocks = -(-s.kv_tokens // s.block_size) + s.max_seqs
         kv = BlockKVCache(s.shape.layers, s.shape.kv_dim, num_blocks, s.block_size, dtype, device)
         if s.strategy == "single":
             lora = SingleLora(bank.get(0), device, dtype)

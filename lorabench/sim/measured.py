@@ -25,7 +25,7 @@ from lorabench.errors import LorabenchError
 from lorabench.model.batch import SeqWork
 from lorabench.model.decoder import Decoder, default_dtype
 from lorabench.model.engine import Engine
-from lorabench.model.serving import Residency, ServingSetup, build_engine
+from lorabench.model.serving import Residency, ServingSetup, build_engine, kv_tokens_per_page, page_size
 from lorabench.presets import DeviceSpec, ModelShape
 from lorabench.sim.executor import Step
 
@@ -76,7 +76,7 @@ def make_executor(config, model: ModelShape, device: DeviceSpec, lora) -> "Measu
     slots = min(n, max(lora.resident_slots, config.max_num_seqs))
     setup = ServingSetup(
         model, lora.strategy, ranks, modules, device=str(dev), slots=slots, block_size=config.block_size,
-        compressed_rank=lora.compressed_rank, cluster_of=None if lora.clusters is None else tuple(int(c) for c in lora.clusters),
+        max_seqs=config.max_num_seqs, compressed_rank=lora.compressed_rank, cluster_of=None if lora.clusters is None else tuple(int(c) for c in lora.clusters),
         cuda_graphs=getattr(config, "cuda_graphs", True), max_context=max_context, seed=config.seed or 0,
         kv_tokens=_kv_tokens(model, dev, setup_strategy=lora.strategy, ranks=ranks, modules=modules, slots=slots,
                              bound=config.max_num_seqs * max_context),
@@ -91,9 +91,10 @@ def _kv_tokens(model: ModelShape, dev: torch.device, setup_strategy: str, ranks,
     """KV-cache tokens: what the run can use at most (`bound`), within the device's free memory
     (after the adapters the strategy keeps) or, on the CPU, CPU_KV_BYTES."""
     elem = 2 if dev.type == "cuda" else 4
-    page = max([model.hidden] + [max(model.module_shape(m)) for m in modules])
     if setup_strategy == "paged":
-        per_token = model.layers * page * elem * (1 if 2 * model.kv_dim <= page else 2)
+        page = page_size(model, modules)
+        tokens_per_page, pages_per_token = kv_tokens_per_page(model, page)
+        per_token = model.layers * page * elem * pages_per_token // tokens_per_page
     else:
         per_token = model.layers * 2 * model.kv_dim * elem
     if dev.type != "cuda":
