@@ -4,7 +4,7 @@ Python launch cost does not dominate what is measured.
 A decode-only batch of B sequences runs in the graph of the smallest bucket >= B. The graph reads
 static buffers: token ids, positions, KV rows to write, each sequence's row table and length (the
 Triton paged-decode kernel loops to each sequence's own length), and a `LoraBatch` padded to the
-bucket (every token in one segment slot, unused segments empty). Padding sequences write and read a
+bucket (padding tokens on adapter 0, unused segments and tiles empty). Padding sequences write and read a
 scratch KV row. Whatever cannot be captured (a LoRA op that synchronizes, a batch with tokens
 without adapter, a context longer than the tables) runs eagerly; `ForwardBatch.graph_bucket`
 says which ran.
@@ -67,7 +67,7 @@ class DecodeGraphs:
             self._graphs[b] = (graph, static, out)
         except Exception as err:  # noqa: BLE001 - any capture failure means: run eagerly, and say why
             self.disabled_reason = f"{type(err).__name__}: {err}".splitlines()[0][:200]
-            torch.cuda.synchronize()
+            torch.cuda.synchronize()  # the failed capture has ended; later work runs eagerly
 
     def run(self, fb: ForwardBatch) -> torch.Tensor:
         """Next tokens (B,) of a batch `ensure` gave a graph: fill the static inputs, replay."""
