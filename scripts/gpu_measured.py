@@ -25,7 +25,7 @@ import torch
 
 from lorabench import calibration
 from lorabench.model.batch import SeqWork
-from lorabench.model.lora import reference_ops
+from lorabench.model.lora import lora_backend
 from lorabench.model.serving import STRATEGIES, ServingSetup, build_engine
 from lorabench.presets import model_preset
 from lorabench.profile import run_profile
@@ -57,7 +57,7 @@ def correctness(model: str, device: str, layers: int = 2) -> pd.DataFrame:
             seqs_f = [SeqWork(i, t, fast_res.index(a)) for i, (t, a) in enumerate(zip(tokens, adapters))]
             seqs_r = [SeqWork(i, t, ref_res.index(a)) for i, (t, a) in enumerate(zip(tokens, adapters))]
             fb_f, fb_r = fast.prepare(seqs_f), ref.prepare(seqs_r)
-            with reference_ops():
+            with lora_backend("torch"):
                 ref_logits = ref.model.forward(fb_r, ref.kv, ref.lora, "torch")
             eager_logits = fast.model.forward(fb_f, fast.kv, fast.lora, fast.attention_backend).float()
             mode = fast.mode_of(fb_f)

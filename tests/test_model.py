@@ -176,6 +176,22 @@ def test_forward_matches_merged_reference(strategy, modules, shape, kv_kind):
     assert run_schedule(engine, deltas, SCHEDULE, adapter_of) == 15
 
 
+@pytest.mark.parametrize("strategy,shape,kv_kind", [
+    ("per-lora", TINY, "block"), ("paged", TINY_MQA, "paged"), ("compressed", TINY, "block"), ("single", TINY, "block"),
+])
+def test_forward_through_the_triton_kernels(strategy, shape, kv_kind):
+    """The same check with the strategy's Triton kernels (under the interpreter, fp32): the model
+    hands them its per-layer views, tables and the step's LoraBatch correctly."""
+    from lorabench.model.lora import lora_backend
+
+    engine, deltas = build(strategy, shape, target_modules("q_proj,v_proj"), kv_kind)
+    indices = sorted(deltas)
+    adapter_of = {sid: indices[sid % len(indices)] for sid in range(3)}
+    schedule = [[(0, 20), (1, 3), (2, 1)], [(0, 1), (1, 1), (2, 1)]]  # a segment of 20 tokens: several tiles
+    with lora_backend("triton"):
+        assert run_schedule(engine, deltas, schedule, adapter_of) == 6
+
+
 def test_adapters_change_the_output():
     """Guard against a reference that would pass with LoRA silently ignored."""
     engine, deltas = build("per-lora", TINY, target_modules("q_proj,v_proj"))

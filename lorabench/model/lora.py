@@ -10,39 +10,40 @@ index for `compressed`. Loads copy host adapters into device memory and return t
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 
 from lorabench import kernels
 from lorabench.errors import LorabenchError
-from lorabench.kernels import LoraBatch, reference
+from lorabench.kernels import LoraBatch
 from lorabench.presets import ModelShape
 
 from .adapters import AdapterWeights, CompressedWeights
 from .page_pool import PagePool
 
 
-_reference_only = False
-# reference op -> the dispatching function of `lorabench.kernels` (Triton on CUDA, PyTorch elsewhere)
+_backend = "auto"  # lorabench.kernels backend: "auto" (Triton on CUDA), "triton" or "torch"
+# reference op -> the dispatching function of `lorabench.kernels`
 _DISPATCH = {"single_lora": "lora_single", "per_lora": "lora_per_lora", "paged_lora": "lora_paged",
              "compressed_lora": "lora_compressed"}
 
 
 def _op(name: str):
-    """The strategy op as `lorabench.kernels` dispatches it, or the PyTorch reference."""
-    dispatch = None if _reference_only else getattr(kernels, _DISPATCH[name], None)
-    return dispatch or getattr(reference, name)
+    """The strategy op as `lorabench.kernels` dispatches it (with the chosen backend)."""
+    return partial(getattr(kernels, _DISPATCH[name]), backend=_backend)
 
 
 @contextmanager
-def reference_ops():
-    """Within the block, every LoRA op runs the PyTorch reference (device checks compare against it)."""
-    global _reference_only
-    saved, _reference_only = _reference_only, True
+def lora_backend(backend: str):
+    """Within the block, LoRA ops run on `backend`: "torch" (the PyTorch implementation, on any
+    device: device checks compare against it), "triton" (the kernels, also under the interpreter)."""
+    global _backend
+    saved, _backend = _backend, backend
     try:
         yield
     finally:
-        _reference_only = saved
+        _backend = saved
 
 
 class LoraState:
