@@ -106,6 +106,21 @@ def runs(model: str, modeled_device: str, profile: Path, out: Path, n_values, re
     return pd.concat(tables) if tables else pd.DataFrame()
 
 
+def write_notes(path: Path, command: str, meta: dict, check: pd.DataFrame, table: pd.DataFrame, ok: bool) -> None:
+    """What ran, where and when, and the figures the issue asks for, as text to commit beside them."""
+    lines = [f"# Device check of the measured executor ({meta['device']}, {meta['date']})", "",
+             f"Command: `python {command}`; torch {meta['torch']}; model {meta['model']} ({meta['dtype']}); "
+             f"profile steps by mode {meta['modes']}.", "",
+             f"Correctness (bf16 Triton + graphs vs fp32 PyTorch): {'ok' if ok else 'FAILED'}", "",
+             "```", check.to_string(index=False), "```", ""]
+    if len(table):
+        cols = ["n_loras", "strategy", "status", "tok/s measured", "vs_single_measured", "vs_single_modeled",
+                "tok/s error", "TTFT mean ms error", "TPOT mean ms error", "device_measured"]
+        lines += ["Throughput relative to single, and modeled-vs-measured errors (modeled / measured - 1):", "",
+                  "```", table[cols].to_string(index=False), "```", ""]
+    path.write_text("\n".join(lines))
+
+
 def main() -> int:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -143,6 +158,7 @@ def main() -> int:
     table = runs(model, modeled_device, profile, args.out, (1024, 64, 1), args.requests, args.rate, args.deadline_s)
     if len(table):
         table.to_csv(args.out / "fidelity.csv", index=False)
+    write_notes(args.out / "NOTES.md", " ".join(sys.argv), data["meta"], check, table, ok)
     log(f"done; correctness {'ok' if ok else 'FAILED'}; results in {args.out}")
     return 0 if ok else 1
 
