@@ -85,9 +85,10 @@ def run_profile(model: str, strategies, ranks, n_loras: int, modules, compressed
                 device: str, cuda_graphs: bool, progress: bool = True) -> dict:
     """Measure, fit, and return the profile as a dict (see lorabench.calibration)."""
     from lorabench.model.decoder import Decoder, default_dtype
-    from lorabench.sim.measured import MeasuredExecutor
+    from lorabench.sim.measured import MeasuredExecutor, check_fits_cpu
 
     shape, dev = model_preset(model), torch.device(device)
+    check_fits_cpu(shape, dev)
     if n_loras < 1 or repeats < 1:
         raise LorabenchError("--n-loras and --repeats must be >= 1")
     steps = grid_steps(grid, n_loras)

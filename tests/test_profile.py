@@ -90,6 +90,7 @@ def test_profile_drives_the_modeled_executor(cpu_profile, tmp_path):
     (["profile", "--strategy", "bogus"], "--strategy"),
     (["profile", "--ranks", "8,x"], "--ranks"),
     (["profile", "--device", "cuda:0"] if not torch.cuda.is_available() else ["profile", "--n-loras", "0"], ""),
+    (["profile", "--model", "mistral-7b", "--device", "cpu"], "too large to execute on the CPU"),
 ])
 def test_profile_bad_arguments_get_one_clear_error(argv, message, capsys):
     assert cli_main(argv) == 2

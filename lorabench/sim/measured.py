@@ -46,6 +46,15 @@ def torch_device(config) -> torch.device:
     return device
 
 
+CPU_MAX_PARAMS = 10**9  # a real-size decoder on the CPU would take hours per run
+
+
+def check_fits_cpu(model: ModelShape, device: torch.device) -> None:
+    if device.type == "cpu" and model.params > CPU_MAX_PARAMS:
+        raise LorabenchError(f"model {model.name} ({model.params / 1e9:.1f} B parameters) is too large to execute on "
+                             f"the CPU: use --model tiny here, or a GPU")
+
+
 def make_executor(config, model: ModelShape, device: DeviceSpec, lora) -> "MeasuredExecutor":
     """The runner's entry point (`RunConfig.executor == "measured"`): an engine for `lora.strategy`
     with the run's adapters (`config.adapters`: a PEFT collection; `config.compressed`: a compressed
@@ -55,6 +64,7 @@ def make_executor(config, model: ModelShape, device: DeviceSpec, lora) -> "Measu
     while _live:  # free the previous strategy's KV cache and adapters before sizing this one's
         _live.pop().close()
     dev = torch_device(config)
+    check_fits_cpu(model, dev)
     if dev.type == "cpu":
         torch.set_num_threads(1)  # CPU runs are smoke tests: one thread keeps times steady on shared machines
     modules, n = tuple(lora.target_modules), len(lora.ranks)
