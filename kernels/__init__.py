@@ -70,7 +70,9 @@ def lora_single(x, y, A, B, scale: float, *, backend: str = "auto") -> torch.Ten
     return reference.single_lora(x, y, A, B, scale)
 
 
-def lora_per_lora(x, y, A, B, scales, batch: LoraBatch, *, variant: str = "auto", backend: str = "auto") -> torch.Tensor:
+def lora_per_lora(
+    x, y, A, B, scales, batch: LoraBatch, *, variant: str = "auto", backend: str = "auto"
+) -> torch.Tensor:
     """Adapters stacked in slots. x: (M, d_in) y: (M, d_out) A: (slots, r, d_in) B: (slots, d_out, r)
     scales: (slots,). variant: "sgmv" (segments), "bgmv" (per-token gather) or "auto"."""
     if variant not in PER_LORA_VARIANTS:

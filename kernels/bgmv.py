@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import blocks, cdiv, check_per_lora, pad_rank, partial_bytes, split_k, workspace
+from .common import blocks, cdiv, check_per_lora, launch_options, pad_rank, partial_bytes, split_k, workspace
 from .metadata import LoraBatch
 
 @triton.jit
@@ -110,21 +110,21 @@ def bgmv_lora(
     if tokens == 0 or d_out == 0:
         return y
     r_pad, cfg = pad_rank(rank), blocks()
-    reread = partial_bytes(tokens, r_pad, d_out, cfg.gather_block)
-    splits, k_per_split = split_k(tokens, d_in, cfg.gather_block, reread)
+    block = cfg.gather(r_pad)
+    reread = partial_bytes(tokens, r_pad, d_out, block)
+    splits, k_per_split = split_k(tokens, d_in, block, reread)
     h = workspace(workspace_buffer, (splits, m, r_pad), x.device)
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     _bgmv_shrink_kernel[(tokens, splits)](
         x, A, batch.token_adapters, batch.sorted_tokens, h,
         d_in, rank, k_per_split,
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), h.stride(0), h.stride(1),
-        BLOCK_K=cfg.gather_block, R_PAD=r_pad, **launch,
+        BLOCK_K=block, R_PAD=r_pad, **launch_options((r_pad, block)),
     )
-    _bgmv_expand_kernel[(tokens, cdiv(d_out, cfg.gather_block))](
+    _bgmv_expand_kernel[(tokens, cdiv(d_out, block))](
         h, B, scales, y, batch.token_adapters, batch.sorted_tokens,
         d_out, rank, splits,
         h.stride(0), h.stride(1), B.stride(0), B.stride(1), B.stride(2), y.stride(0), y.stride(1),
-        BLOCK_N=cfg.gather_block, R_PAD=r_pad, **launch,
+        BLOCK_N=block, R_PAD=r_pad, **launch_options((r_pad, block)),
     )
     return y

@@ -21,6 +21,9 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_RANK = 128
 # Split-K aims at about this many programs for the shrink, enough to fill an H100/H200 twice.
 TARGET_PROGRAMS = 512
+# Register-tile budget in elements: shrink tiles stay within it, expand tiles within twice it, and
+# kernels with a tile this large run 8 warps instead of 4.
+MAX_TILE = 4096
 # Bytes of split-K partial sums the expand may re-read (from L2) before fewer splits pay off.
 MAX_PARTIAL_READS = 4 << 20
 
@@ -32,21 +35,51 @@ def interpreting() -> bool:
 
 @dataclass(frozen=True)
 class Blocks:
-    """Block sizes and launch settings shared by the kernels (to be tuned on the target GPU)."""
+    """Block sizes and launch settings shared by the kernels (to be tuned on the target GPU).
+
+    The blocks below are the largest; a launch takes smaller ones where its tile is tall (block_m)
+    or wide (padded rank), so that register tiles stay within MAX_TILE (shrink) or 2 * MAX_TILE
+    (expand) elements. Compiled for sm_90 (`python -m lorabench.kernels.aot`), a 64 x 128 shrink
+    tile took 217 registers a thread and rank-128 tiles spilled; within these budgets, none spills
+    in bf16 or fp16.
+    """
 
     block_k: int  # reduction block of the shrink (over d_in)
     block_n: int  # output-column block of the expand (over d_out)
     gather_block: int  # d block of the per-token gather kernels (one token per program: wider)
-    num_warps: int
     num_stages: int
+
+    def shrink_k(self, block_m: int, r_pad: int) -> int:
+        return _fit(self.block_k, max(block_m, r_pad), MAX_TILE)
+
+    def expand_n(self, block_m: int, r_pad: int) -> int:
+        return _fit(self.block_n, max(block_m, r_pad), 2 * MAX_TILE)
+
+    def gather(self, r_pad: int) -> int:
+        return _fit(self.gather_block, r_pad, 2 * MAX_TILE)
+
+
+def _fit(largest: int, rows: int, budget: int) -> int:
+    """The largest power-of-two block <= `largest` (and >= 16) with rows * block <= budget."""
+    return max(16, min(largest, budget // rows))
 
 
 def blocks() -> Blocks:
     # Small blocks under the interpreter: tests with d of 40..96 then cover several blocks and a
     # ragged last block, and each interpreted program stays cheap.
     if interpreting():
-        return Blocks(block_k=32, block_n=32, gather_block=32, num_warps=4, num_stages=1)
-    return Blocks(block_k=128, block_n=128, gather_block=512, num_warps=4, num_stages=3)
+        return Blocks(block_k=32, block_n=32, gather_block=32, num_stages=1)
+    return Blocks(block_k=128, block_n=128, gather_block=512, num_stages=3)
+
+
+def launch_options(*tiles: tuple[int, int]) -> dict:
+    """num_warps and num_stages for a kernel whose largest register tiles are `tiles` (rows, cols).
+
+    8 warps once a tile reaches MAX_TILE elements: with 4, its values and 64-bit addresses take
+    170-250 registers a thread (sm_90: a 64 x 128 expand tile 253 with 4 warps, 140 with 8).
+    """
+    largest = max(rows * cols for rows, cols in tiles)
+    return dict(num_warps=8 if largest >= MAX_TILE else 4, num_stages=blocks().num_stages)
 
 
 def pad_rank(r: int) -> int:
@@ -63,19 +96,19 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def split_k(num_row_programs: int, d_in: int, block_k: int, partial_bytes: int = 0) -> tuple[int, int]:
+def split_k(num_row_programs: int, d_in: int, block_k: int, reread_bytes: int = 0) -> tuple[int, int]:
     """(splits, k_per_split): cut the shrink's reduction so that about TARGET_PROGRAMS run.
 
     A decode batch has few tiles, and a tile's shrink is a long, thin reduction over d_in: without
     splitting it, a handful of programs would read all the adapter weights. But the expand re-reads
-    every split's partial sums once per d_out block: `partial_bytes` (bytes the expand reads per
-    split, rows * pad_rank * 4 * d_out blocks) caps the splits so that this stays near
+    every split's partial sums once per d_out block: `reread_bytes` (what the expand reads per split,
+    `partial_bytes(...)`) caps the splits so that this stays near
     MAX_PARTIAL_READS (a large prefill batch then runs few splits, which it can afford).
     """
     k_blocks = cdiv(d_in, block_k)
     splits = max(1, min(k_blocks, cdiv(TARGET_PROGRAMS, max(num_row_programs, 1))))
-    if partial_bytes:
-        splits = max(1, min(splits, MAX_PARTIAL_READS // partial_bytes))
+    if reread_bytes:
+        splits = max(1, min(splits, MAX_PARTIAL_READS // reread_bytes))
     k_per_split = cdiv(k_blocks, splits) * block_k
     return cdiv(d_in, k_per_split), k_per_split
 
@@ -121,7 +154,9 @@ def check_activations(x: torch.Tensor, y: torch.Tensor, dtypes=KERNEL_DTYPES) ->
     return x.shape[0], x.shape[1], y.shape[1]
 
 
-def check_tensor(name: str, t: torch.Tensor, shape: tuple, x: torch.Tensor, dtype: torch.dtype | str | None = None) -> None:
+def check_tensor(
+    name: str, t: torch.Tensor, shape: tuple, x: torch.Tensor, dtype: torch.dtype | str | None = None
+) -> None:
     """`t` has `shape` (None = any size), is on x's device and has `dtype`: x's dtype by default,
     or "float" / "int" for any floating-point / integer dtype."""
     dtype = x.dtype if dtype is None else dtype

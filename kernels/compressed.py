@@ -22,7 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import blocks, cdiv, check_compressed, dot_precision, pad_rank, partial_bytes, split_k, workspace
+from .common import (
+    blocks, cdiv, check_compressed, dot_precision, launch_options, pad_rank, partial_bytes, split_k, workspace,
+)
 from .metadata import LoraBatch, choose_block_m
 from .single import dense_expand, dense_shrink
 from .tiles import load_tile
@@ -39,10 +41,12 @@ def _compressed_mix_kernel(
     # strides
     stride_hk, stride_hs, stride_hm, stride_sn, stride_sr, stride_sc, stride_gk, stride_gm,
     # meta
-    BLOCK_M: tl.constexpr, R_PAD: tl.constexpr, DIAGONAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, DIAGONAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """g[k, t, :] = S_i (sum over splits of h[k, s, t, :]) for the tokens t of one tile (adapter i,
-    cluster k = cluster_of[i]); columns of g past `width` (up to g_width) are written as zeros."""
+    cluster k = cluster_of[i]); columns of g past `width` (up to g_width) are written as zeros.
+    A full S_i is read once per tile, R_CHUNK output columns at a time (bounds the registers)."""
     tile = tl.program_id(0)
     adapter, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tile, BLOCK_M)
     cluster = tl.load(cluster_ptr + adapter).to(tl.int64)
@@ -54,17 +58,23 @@ def _compressed_mix_kernel(
     for split in range(num_splits):
         h_ptrs = h_ptr + cluster * stride_hk + split * stride_hs + rows[:, None] * stride_hm + offs_r[None, :]
         h += tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+    g_rows = g_ptr + cluster * stride_gk + rows[:, None] * stride_gm
     if DIAGONAL:
         s = tl.load(s_ptr + adapter * stride_sn + offs_r * stride_sr, mask=r_mask, other=0.0)
         g = h * s.to(tl.float32)[None, :]
+        g_mask = m_mask[:, None] & (offs_r < g_width)[None, :]
+        tl.store(g_rows + offs_r[None, :], g.to(g_ptr.dtype.element_ty), mask=g_mask)
     else:
-        s_t = tl.load(  # (R_PAD, R_PAD) = S_i^T, loaded once for the tile
-            s_ptr + adapter * stride_sn + offs_r[None, :] * stride_sr + offs_r[:, None] * stride_sc,
-            mask=r_mask[None, :] & r_mask[:, None], other=0.0,
-        )
-        g = tl.dot(h.to(s_t.dtype), s_t, input_precision=DOT_PRECISION)
-    g_ptrs = g_ptr + cluster * stride_gk + rows[:, None] * stride_gm + offs_r[None, :]
-    tl.store(g_ptrs, g.to(g_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_r < g_width)[None, :])
+        h = h.to(s_ptr.dtype.element_ty)
+        for c in tl.static_range(0, R_PAD, R_CHUNK):
+            offs_c = c + tl.arange(0, R_CHUNK)
+            s_t = tl.load(  # (R_PAD, R_CHUNK) = S_i[c-block, :]^T
+                s_ptr + adapter * stride_sn + offs_c[None, :] * stride_sr + offs_r[:, None] * stride_sc,
+                mask=(offs_c < width)[None, :] & r_mask[:, None], other=0.0,
+            )
+            g = tl.dot(h, s_t, input_precision=DOT_PRECISION)
+            g_mask = m_mask[:, None] & (offs_c < g_width)[None, :]
+            tl.store(g_rows + offs_c[None, :], g.to(g_ptr.dtype.element_ty), mask=g_mask)
 
 
 def compressed_lora(
@@ -97,7 +107,7 @@ def compressed_lora(
     if dense == "triton":
         block_m, r_pad, cfg = choose_block_m(m, 1), pad_rank(width), blocks()
         reread = partial_bytes(m, r_pad, 1, 1)  # the mix kernel reads each partial once (one "block")
-        splits, k_per_split = split_k(cdiv(m, block_m) * k_clusters, d_in, cfg.block_k, reread)
+        splits, k_per_split = split_k(cdiv(m, block_m) * k_clusters, d_in, cfg.shrink_k(block_m, r_pad), reread)
         scratch = workspace(workspace_buffer, (k_clusters, splits + 1, m, r_pad), x.device)
         h, g = scratch[:, :splits], scratch[:, splits]
         for k in range(k_clusters):
@@ -111,14 +121,16 @@ def compressed_lora(
     if k_clusters > 1 or batch.num_adapter_tokens < m:
         g.zero_()
 
-    diagonal = S.dim() == 2
+    diagonal, r_pad = S.dim() == 2, pad_rank(width)
+    r_chunk = min(r_pad, 64)
     _compressed_mix_kernel[(batch.num_tiles,)](
         h, S, cluster_of, g, batch.tiles, batch.sorted_tokens,
         width, g.shape[-1], h.shape[1],
         h.stride(0), h.stride(1), h.stride(2), S.stride(0), S.stride(1), 0 if diagonal else S.stride(2),
         g.stride(0), g.stride(1),
-        BLOCK_M=batch.block_m, R_PAD=pad_rank(width), DIAGONAL=diagonal, DOT_PRECISION=dot_precision(x.dtype),
-        num_warps=4 if width <= 64 else 8,
+        BLOCK_M=batch.block_m, R_PAD=r_pad, R_CHUNK=r_chunk, DIAGONAL=diagonal,
+        DOT_PRECISION=dot_precision(x.dtype),
+        **launch_options((batch.block_m, r_pad), (r_pad, r_chunk)),
     )
     for k in range(k_clusters):
         if dense == "triton":

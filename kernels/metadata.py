@@ -34,10 +34,11 @@ class LoraBatch:
                     (stable: batch order within a segment).
     seg_starts:     (S + 1,) int32, segment s covers sorted_tokens[seg_starts[s]:seg_starts[s+1]].
     seg_adapters:   (S,) int32, the adapter of each segment (ascending, no -1).
-    max_seg_len:    longest segment, in tokens (a Python int: kernels size their grids by it).
+    max_seg_len:    longest segment, in tokens (a Python int).
     max_adapter:    largest adapter id in the batch, -1 if none (a Python int: wrappers check ids
                     against the number of slots without reading the device).
-    block_m:        tile height of the segmented kernels (16, 32 or 64), chosen from the batch.
+    block_m:        tile height of the segmented kernels: 16, 32 or 64 chosen from the batch
+                    (choose_block_m), or forced by build(..., block_m=).
     tiles:          (num_tiles, 3) int32, one row per tile of block_m tokens of one segment:
                     (adapter, first, end) with sorted_tokens[first:end] the tile's tokens.
     num_tiles:      rows of `tiles` (a Python int: the grid of the segmented kernels).

@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import blocks, cdiv, check_per_lora, dot_precision, pad_rank, partial_bytes, split_k, workspace
+from .common import (
+    blocks, cdiv, check_per_lora, dot_precision, launch_options, pad_rank, partial_bytes, split_k, workspace,
+)
 from .metadata import LoraBatch
 from .tiles import add_into, expand_rows, load_tile, shrink_rows, sum_partials
 
@@ -89,21 +91,24 @@ def sgmv_lora(
     if batch.num_tiles == 0 or d_out == 0:
         return y
     r_pad, cfg = pad_rank(rank), blocks()
-    reread = partial_bytes(batch.num_adapter_tokens, r_pad, d_out, cfg.block_n)
-    splits, k_per_split = split_k(batch.num_tiles, d_in, cfg.block_k, reread)
+    bm = batch.block_m
+    block_k, block_n = cfg.shrink_k(bm, r_pad), cfg.expand_n(bm, r_pad)
+    reread = partial_bytes(batch.num_adapter_tokens, r_pad, d_out, block_n)
+    splits, k_per_split = split_k(batch.num_tiles, d_in, block_k, reread)
     h = workspace(workspace_buffer, (splits, m, r_pad), x.device)
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     _sgmv_shrink_kernel[(batch.num_tiles, splits)](
         x, A, batch.tiles, batch.sorted_tokens, h,
         d_in, rank, k_per_split,
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), h.stride(0), h.stride(1),
-        BLOCK_M=batch.block_m, BLOCK_K=cfg.block_k, R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype), **launch,
+        BLOCK_M=bm, BLOCK_K=block_k, R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype),
+        **launch_options((bm, block_k), (block_k, r_pad)),
     )
-    _sgmv_expand_kernel[(batch.num_tiles, cdiv(d_out, cfg.block_n))](
+    _sgmv_expand_kernel[(batch.num_tiles, cdiv(d_out, block_n))](
         h, B, scales, y, batch.tiles, batch.sorted_tokens,
         d_out, rank, splits,
         h.stride(0), h.stride(1), B.stride(0), B.stride(1), B.stride(2), y.stride(0), y.stride(1),
-        BLOCK_M=batch.block_m, BLOCK_N=cfg.block_n, R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype), **launch,
+        BLOCK_M=bm, BLOCK_N=block_n, R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype),
+        **launch_options((bm, block_n), (r_pad, block_n)),
     )
     return y

@@ -11,7 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import blocks, cdiv, check_single, dot_precision, pad_rank, partial_bytes, split_k, workspace
+from .common import (
+    blocks, cdiv, check_single, dot_precision, launch_options, pad_rank, partial_bytes, split_k, workspace,
+)
 from .metadata import choose_block_m
 from .tiles import add_into, expand_rows, shrink_rows, sum_partials
 
@@ -80,8 +82,8 @@ def single_lora(
     if m == 0 or y.shape[1] == 0:
         return y
     block_m, r_pad, cfg = choose_block_m(m, 1), pad_rank(A.shape[0]), blocks()
-    reread = partial_bytes(m, r_pad, y.shape[1], cfg.block_n)
-    splits, k_per_split = split_k(cdiv(m, block_m), d_in, cfg.block_k, reread)
+    reread = partial_bytes(m, r_pad, y.shape[1], cfg.expand_n(block_m, r_pad))
+    splits, k_per_split = split_k(cdiv(m, block_m), d_in, cfg.shrink_k(block_m, r_pad), reread)
     h = workspace(workspace_buffer, (splits, m, r_pad), x.device)
     dense_shrink(x, A, h, k_per_split, block_m)
     dense_expand(h, B, y, scale, block_m)
@@ -93,14 +95,14 @@ def dense_shrink(x: torch.Tensor, A: torch.Tensor, h: torch.Tensor, k_per_split:
 
     x: (M, d_in)   A: (r, d_in)   h: (splits, M, pad_rank(r)) fp32, every element written
     """
-    cfg = blocks()
     m, d_in = x.shape
+    block_k = blocks().shrink_k(block_m, h.shape[2])
     _single_shrink_kernel[(cdiv(m, block_m), h.shape[0])](
         x, A, h,
         m, d_in, A.shape[0], k_per_split,
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), h.stride(0), h.stride(1),
-        BLOCK_M=block_m, BLOCK_K=cfg.block_k, R_PAD=h.shape[2], DOT_PRECISION=dot_precision(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=h.shape[2], DOT_PRECISION=dot_precision(x.dtype),
+        **launch_options((block_m, block_k), (block_k, h.shape[2])),
     )
 
 
@@ -109,12 +111,12 @@ def dense_expand(h: torch.Tensor, B: torch.Tensor, y: torch.Tensor, scale: float
 
     h: (splits, M, R_PAD) fp32 with zeros past r   B: (d_out, r)   y: (M, d_out)
     """
-    cfg = blocks()
     m, d_out = y.shape
-    _single_expand_kernel[(cdiv(m, block_m), cdiv(d_out, cfg.block_n))](
+    block_n = blocks().expand_n(block_m, h.shape[2])
+    _single_expand_kernel[(cdiv(m, block_m), cdiv(d_out, block_n))](
         h, B, y,
         m, d_out, B.shape[1], h.shape[0], float(scale),
         h.stride(0), h.stride(1), B.stride(0), B.stride(1), y.stride(0), y.stride(1),
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, R_PAD=h.shape[2], DOT_PRECISION=dot_precision(y.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=h.shape[2], DOT_PRECISION=dot_precision(y.dtype),
+        **launch_options((block_m, block_n), (h.shape[2], block_n)),
     )

@@ -45,8 +45,12 @@ class Problem:
 
     def expected(self) -> torch.Tensor:
         """y after the op, computed on the CPU in float64 by the PyTorch reference."""
-        args = {k: (v.detach().cpu().double() if v.is_floating_point() else v.cpu()) if isinstance(v, torch.Tensor) else v
-                for k, v in self.inputs.items()}
+        def on_cpu(v):
+            if not isinstance(v, torch.Tensor):
+                return v
+            return v.detach().cpu().double() if v.is_floating_point() else v.cpu()
+
+        args = {k: on_cpu(v) for k, v in self.inputs.items()}
         args["y"] = args["y"].clone()
         if self.batch is not None:
             args["batch"] = self.batch.to("cpu")

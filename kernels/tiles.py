@@ -26,7 +26,8 @@ def sum_partials(h_ptr, rows, row_mask, num_splits, stride_hs, stride_hm, BLOCK_
     offs_r = tl.arange(0, R_PAD)
     h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for s in range(num_splits):
-        h += tl.load(h_ptr + s * stride_hs + rows[:, None] * stride_hm + offs_r[None, :], mask=row_mask[:, None], other=0.0)
+        h_ptrs = h_ptr + s * stride_hs + rows[:, None] * stride_hm + offs_r[None, :]
+        h += tl.load(h_ptrs, mask=row_mask[:, None], other=0.0)
     return h
 
 

@@ -203,7 +203,11 @@ def strategies(c: BenchConfig, w: LayerWeights, batch: LoraBatch, x, y, distinct
     for v in ("sgmv", "bgmv") if cuda else ("auto",):
         name = "per_lora" if v == "auto" else f"per_lora_{v}"
         yield name, (lambda v=v: lora_per_lora(x, y, w.A, w.B, w.scales, batch, variant=v)), distinct * lora_bytes
-    yield "paged", lambda: lora_paged(x, y, w.pool, w.a_pages, w.b_pages, w.ranks, w.scales, batch), distinct * lora_bytes
+
+    def paged():
+        return lora_paged(x, y, w.pool, w.a_pages, w.b_pages, w.ranks, w.scales, batch)
+
+    yield "paged", paged, distinct * lora_bytes
     for width, (U, V, S, cluster_of) in w.compressed.items():
         nbytes = (width * (c.d_in + c.d_out) + distinct * width * width) * c.elem
         yield (f"compressed_R{width}", (lambda U=U, V=V, S=S, k=cluster_of: lora_compressed(x, y, U, V, S, k, batch)),
@@ -211,8 +215,10 @@ def strategies(c: BenchConfig, w: LayerWeights, batch: LoraBatch, x, y, distinct
         if cuda and width == c.widths[0]:
             from lorabench.kernels.compressed import compressed_lora
 
-            yield (f"compressed_R{width}_cublas",
-                   (lambda U=U, V=V, S=S, k=cluster_of: compressed_lora(x, y, U, V, S, k, batch, dense="torch")), nbytes)
+            def cublas(U=U, V=V, S=S, k=cluster_of):
+                return compressed_lora(x, y, U, V, S, k, batch, dense="torch")
+
+            yield f"compressed_R{width}_cublas", cublas, nbytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +299,8 @@ def device_check(
                 "single": (single_lora, testing.single_problem(m, d_in, d_out, r, dtype, device, gen)),
                 "sgmv": (sgmv_lora, testing.per_lora_problem(ids, n, d_in, d_out, r, dtype, device, gen)),
                 "bgmv": (bgmv_lora, testing.per_lora_problem(ids, n, d_in, d_out, r, dtype, device, gen)),
-                "paged": (paged_lora, testing.paged_problem(ids, ranks, d_in, d_out, max(d_in, d_out), dtype, device, gen)),
+                "paged": (paged_lora, testing.paged_problem(
+                    ids, ranks, d_in, d_out, max(d_in, d_out), dtype, device, gen)),
                 "compressed_full": (compressed_lora, testing.compressed_problem(
                     ids, n, 2, 64, False, d_in, d_out, dtype, device, gen)),
                 "compressed_diag": (compressed_lora, testing.compressed_problem(

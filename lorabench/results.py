@@ -17,8 +17,14 @@ from lorabench.errors import LorabenchError
 
 
 def default_run_dir(workload: str, n_loras: int, root: str | Path = "results") -> Path:
+    """results/<UTC timestamp>-<workload>-<n_loras>, with a counter if two runs start in the same second."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return Path(root) / f"{stamp}-{Path(workload).stem}-{n_loras}"
+    base = Path(root) / f"{stamp}-{Path(workload).stem}-{n_loras}"
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -29,11 +30,12 @@ def rank_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a rank or a comma list of ranks like 8,16,32,64, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a rank or a comma list like 8,16,32,64, got {text!r}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workload", default="zipf", help=f"shipped workload ({', '.join(builtin_workloads())}) or a .toml path")
+    p.add_argument("--workload", default="zipf",
+                   help=f"shipped workload ({', '.join(builtin_workloads())}) or a .toml path")
     p.add_argument("--n-loras", type=int, help="number of adapters (overrides the workload)")
     p.add_argument("--strategy", default="all", help="all, or a comma list of single,per-lora,paged,compressed "
                    "(single always runs: it is the baseline)")
@@ -131,25 +133,28 @@ def format_table(summary: pd.DataFrame) -> str:
 
 
 def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
+    """What the table shows, in words a newcomer can follow."""
     first = summary.iloc[0]
     exp = Experiment.build(config)
     plan = exp.plan(exp.strategy("per-lora"))
-    kind = ("MODELED figures (a roofline cost model of the device, not a measurement)" if config.executor == "modeled"
-            else "MEASURED step times")
-    lines = [
+    ad = exp.workload.adapters
+    kind = ("MODELED figures (a roofline cost model of the device, not a measurement)"
+            if config.executor == "modeled" else "MEASURED step times")
+    slots = "as --max-loras set" if config.max_loras else "as many as fit in the memory the compressed adapters take"
+    paragraphs = [
         f"{kind}: {first['model']} on one {first['device']}, {int(first['requests'])} requests of workload "
         f"{first['workload']} over {int(first['n_loras'])} adapters, the same stream for every strategy.",
         f"Every strategy had the same GPU budget for adapters + KV cache: {plan.budget / 2**30:.1f} GiB "
-        f"({config.gpu_memory_utilization:g} x device memory - {plan.weights / 2**30:.1f} GiB of weights);",
-        f"per-lora got {plan.slots} adapter slots (= distinct adapters per batch), "
-        + ("as --max-loras set." if config.max_loras else "as many as fit in the memory compressed adapters take."),
-        "tok/s: output tokens per second; vs single: that over the single-LoRA baseline (every request on",
-        "one adapter); TTFT: time to first token; TPOT: time per output token after the first; goodput:",
-        f"requests/s meeting TTFT <= {config.ttft_slo_ms:g} ms and TPOT <= {config.tpot_slo_ms:g} ms; loads: "
-        "host->GPU adapter copies; hit rate:",
-        "requests whose adapter was already on the GPU; batch, distinct: mean requests and adapters per step.",
-        "Below saturation every strategy finishes the same work and differs in latency; --workload offline",
+        f"({config.gpu_memory_utilization:g} x device memory - {plan.weights / 2**30:.1f} GiB of weights). "
+        f"per-lora got {plan.slots} adapter slots (= distinct adapters per batch), {slots}; compressed shares "
+        f"rank-{ad.compressed_rank} bases over {ad.clusters} cluster(s).",
+        "tok/s: output tokens per second; vs single: that over the single-LoRA baseline (every request on one "
+        "adapter); TTFT: time to first token; TPOT: time per output token after the first; goodput: requests/s "
+        f"meeting TTFT <= {config.ttft_slo_ms:g} ms and TPOT <= {config.tpot_slo_ms:g} ms; loads: host->GPU "
+        "adapter copies; hit rate: requests that found their adapter on the GPU (no copy made for them); batch, "
+        "distinct: mean requests and distinct adapters per step.",
+        "Below saturation every strategy finishes the same work and differs in latency; --workload offline "
         "measures peak throughput.",
         f"Results: {out}/ (summary.csv, requests/, steps/, config.json)",
     ]
-    return "\n".join(lines)
+    return "\n".join(textwrap.fill(p, width=100) for p in paragraphs)

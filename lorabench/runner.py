@@ -186,8 +186,9 @@ class Experiment:
         strategy's adapter memory (matched memory, as the paper compared)."""
         compressed = self.strategy("compressed")
         cfg = self.config
+        matched = compressed.shared_bytes + compressed.total_adapter_bytes
         return plan_memory(strategy, self.model.params * 2, self.device.memory_bytes, cfg.gpu_memory_utilization,
-                           self.workload.n_loras, cfg.max_loras, compressed.shared_bytes + compressed.total_adapter_bytes)
+                           self.workload.n_loras, cfg.max_loras, matched)
 
     def serve(self, name: str, executor: Executor | None = None, progress=None) -> RunResult:
         """Run strategy `name` on the request stream. `executor` replaces the configured one.
@@ -219,6 +220,8 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, progres
     """Serve the workload with every strategy of `config`; return the summary (one row per strategy).
 
     With `out_dir`, also writes the run folder there atomically (it must not exist yet)."""
+    if out_dir is not None and Path(out_dir).exists():
+        raise LorabenchError(f"out_dir {out_dir}: already exists; choose a new folder")
     exp = Experiment.build(config)
     slo = SLO(config.ttft_slo_ms, config.tpot_slo_ms)
     rows, frames = [], {}

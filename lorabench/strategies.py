@@ -29,7 +29,8 @@ def parse_strategies(text: str) -> tuple[str, ...]:
     names = STRATEGIES if text.strip() == "all" else tuple(s.strip() for s in text.split(",") if s.strip())
     unknown = [s for s in names if s not in STRATEGIES]
     if unknown or not names:
-        raise LorabenchError(f"--strategy: unknown {', '.join(unknown) or '(empty)'}; choose all or among {', '.join(STRATEGIES)}")
+        raise LorabenchError(
+            f"--strategy: unknown {', '.join(unknown) or '(empty)'}; choose all or among {', '.join(STRATEGIES)}")
     return ("single",) + tuple(s for s in STRATEGIES[1:] if s in names)
 
 
@@ -79,7 +80,8 @@ def build_strategy(
         # (a d-wide row of a non-square module takes ceil(d / hidden) pages).
         page = model.hidden * dtype_bytes
         pages_rank1 = model.layers * sum(-(-d_in // model.hidden) + -(-d_out // model.hidden) for d_in, d_out in shapes)
-        return Strategy(name, ranks.astype(np.int64) * pages_rank1 * page, exact, tensors, 0, prefetch=True, shared_pool=True)
+        pages = ranks.astype(np.int64) * pages_rank1
+        return Strategy(name, pages * page, exact, tensors, 0, prefetch=True, shared_pool=True)
     if name == "compressed":
         r = compressed_rank
         s_bytes = model.layers * len(target_modules) * r * r * dtype_bytes

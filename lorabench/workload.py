@@ -166,7 +166,7 @@ class Workload:
 def _arrivals(w: Workload, n: int, rng: np.random.Generator, trace: dict | None) -> np.ndarray:
     a = w.arrival
     if a.kind == "trace":
-        return np.sort(trace["arrival_s"][:n])
+        return trace["arrival_s"][:n].astype(np.float64)
     if a.kind == "offline":
         return np.zeros(n)
     if a.kind == "constant":
@@ -240,7 +240,8 @@ def _read_trace(w: Workload) -> dict[str, np.ndarray]:
         out[c] = col.to_numpy()
     if (out["arrival_s"] < 0).any():
         raise LorabenchError(f"{w.trace}: column arrival_s holds a negative time")
-    return out
+    order = np.argsort(out["arrival_s"], kind="stable")  # rows in arrival order, columns kept together
+    return {c: v[order] for c, v in out.items()}
 
 
 # --- loading and validation -------------------------------------------------------------------

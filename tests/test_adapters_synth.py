@@ -63,6 +63,6 @@ def test_cli_writes_a_collection_and_reports_bad_arguments(tmp_path, capsys):
     assert "3 adapters" in capsys.readouterr().out
     assert cli.main(["adapters", "synth", "--n", "3", "--clusters", "5", "--out", str(tmp_path / "d")]) == 2
     assert "--clusters must be between 1 and --n" in capsys.readouterr().err
-    assert cli.main(["adapters", "synth", "--n", "3", "--out", str(out)]) == 2  # exists, no --overwrite
+    assert cli.main(["adapters", "synth", "--n", "3", "--out", str(out)]) == 2  # exists already
     assert "already exists" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()

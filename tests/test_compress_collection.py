@@ -175,16 +175,43 @@ def test_bad_inputs_get_one_clear_error(source, compressed, tmp_path, capsys):
     assert not (tmp_path / "a").exists()
 
 
-def test_a_failure_midway_leaves_no_output(source, tmp_path):
-    broken = tmp_path / "adapters"
-    shutil.copytree(source, broken)
-    (broken / "adapter_0005" / "adapter_model.safetensors").unlink()
-    coll_ok = tmp_path / "ok"
-    shutil.copytree(source, coll_ok)
+def test_a_failure_midway_leaves_no_output(source, tmp_path, monkeypatch):
+    from lorabench.compress import CompressConfig, compress_collection, run
+
+    calls = []
+    real = run.compress_module
+
+    def fail_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise LorabenchError("interrupted for the test")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "compress_module", fail_on_third)
+    with pytest.raises(LorabenchError, match="interrupted"):
+        compress_collection(load_collection(source), CompressConfig(rank=4), tmp_path / "out", progress=False)
+    assert len(calls) == 3 and not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_an_adapter_vanishing_after_the_scan_is_named(source, tmp_path):
     from lorabench.compress import CompressConfig, compress_collection
 
-    coll = load_collection(coll_ok)
-    (coll_ok / "adapter_0005" / "adapter_model.safetensors").unlink()  # vanishes after the headers were read
-    with pytest.raises(LorabenchError, match="adapter_0005"):
+    root = tmp_path / "adapters"
+    shutil.copytree(source, root)
+    coll = load_collection(root)
+    (root / "adapter_0005" / "adapter_model.safetensors").unlink()
+    with pytest.raises(LorabenchError, match="adapter .*adapter_0005: cannot read adapter_model.safetensors"):
         compress_collection(coll, CompressConfig(rank=4), tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_new_adapters_of_another_layout_are_rejected(compressed, tmp_path):
+    other = write_synth_collection(SynthSpec(n=1, ranks=(4,), layers=1, modules=("q_proj", "v_proj")),
+                                   tmp_path / "other", progress=False)
+    with pytest.raises(LorabenchError, match=r"adapter .*adapter_0000: module layers\.0\.down_proj is missing"):
+        CompressedCollection.load(compressed).fit_adapter(other / "adapter_0000")
+    svd_dir = tmp_path / "svd"
+    source = CompressedCollection.load(compressed).metadata["source"]
+    assert cli.main(["compress", source, "--rank", "2", "--method", "svd", "--out", str(svd_dir), "--quiet"]) == 0
+    with pytest.raises(LorabenchError, match="method 'svd' has no shared bases"):
+        CompressedCollection.load(svd_dir).fit_adapter(other / "adapter_0000")

@@ -100,6 +100,19 @@ def test_diagonal_cores_are_the_least_squares_solution_and_errors_match_brute_fo
     assert torch.allclose(fit.err / stack.norms2(), rel_errors(Ms, recon), atol=1e-12)
 
 
+def test_full_with_bases_wider_than_half_the_module():
+    stack, As, Bs, scales = random_stack(10, seed=9)
+    R = 15  # > D_OUT / 2: fewer new directions fit beside U in a Rayleigh-Ritz step
+    fit = fit_full(stack, R, _ones(10), tol=1e-10)
+    assert torch.allclose(fit.U.T @ fit.U, torch.eye(R, dtype=torch.float64), atol=1e-10)
+    h = torch.tensor(fit.history)
+    assert (h[1:] <= h[:-1] * (1 + 1e-12)).all()
+    recon = [fit.U @ fit.S[i] @ fit.V.T for i in range(10)]
+    assert torch.allclose(fit.err / stack.norms2(), rel_errors(explicit(As, Bs, scales), recon), atol=1e-12)
+    full = fit_full(stack, D_OUT, _ones(10))  # U spans the whole output space
+    assert float((full.err / stack.norms2()).max()) < 0.6
+
+
 @pytest.mark.parametrize("R", [2, 3, 5])
 def test_mutually_orthogonal_adapters_obey_the_rank_bound(R):
     """n orthonormal matrices X_i: the projections onto an R^2-dimensional space of matrices

@@ -1,6 +1,7 @@
 """`lorabench run` end to end, its run folder, config reload and its errors."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -60,6 +61,11 @@ def test_profile_replaces_device_and_efficiency(tmp_path):
     slow = run_experiment(RunConfig(n_loras=16, requests=60, strategies=("single",), profile=str(profile)),
                           progress=False)
     assert slow.loc[0, "tpot_mean_ms"] > 1.5 * base.loc[0, "tpot_mean_ms"]
+    profile.write_text(json.dumps({"efficiency": {"step_scale": 2.0}}))
+    doubled = run_experiment(RunConfig(n_loras=16, requests=60, strategies=("single",), rate=1.0,
+                                       profile=str(profile)), progress=False)
+    once = run_experiment(RunConfig(n_loras=16, requests=60, strategies=("single",), rate=1.0), progress=False)
+    assert doubled.loc[0, "tpot_mean_ms"] == pytest.approx(2 * once.loc[0, "tpot_mean_ms"], rel=0.02)
     profile.write_text(json.dumps({"efficiency": {"speed": 2}}))
     with pytest.raises(Exception, match="p.json: efficiency: unknown field.*speed"):
         run_experiment(RunConfig(n_loras=16, requests=60, profile=str(profile)), progress=False)
@@ -81,3 +87,12 @@ def test_bad_flags_give_one_clear_error(tmp_path, capsys, argv, words):
     assert code == 2 and "Traceback" not in err
     for word in words:
         assert word in err
+
+
+def test_default_folder_is_under_results(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # two runs in the same second get two folders
+        assert main(["run", "--requests", "20", "--n-loras", "8", "--strategy", "compressed", "--no-progress"]) == 0
+    folders = sorted((tmp_path / "results").iterdir())
+    assert len(folders) == 2 and all(re.fullmatch(r"\d{8}-\d{6}-zipf-8(-\d+)?", f.name) for f in folders)
+    assert all((f / "summary.csv").exists() and (f / "requests" / "compressed.csv").exists() for f in folders)

@@ -63,7 +63,6 @@ def small_config(**kw) -> RunConfig:
 
 
 def check_conservation(exp: Experiment, name: str, chunked: bool = False):
-    model_exec = None
     rec = Recorder(ConstantExecutor(0.002, 0.0005))
     result = exp.serve(name, executor=rec)
     r = exp.requests
@@ -75,8 +74,8 @@ def check_conservation(exp: Experiment, name: str, chunked: bool = False):
         assert rec.prefill_tokens == r.prompt_tokens.sum()
     if not chunked:
         assert rec.decode_tokens + rec.prefill_rows == r.output_tokens.sum()
-    else:
-        assert rec.decode_tokens + len(r) + result.preemptions >= r.output_tokens.sum()
+    else:  # each finished prefill emits one token: once per request, again after a preemption
+        assert len(r) <= r.output_tokens.sum() - rec.decode_tokens <= len(r) + result.preemptions
     steps = result.steps
     assert steps["tokens"].sum() == rec.prefill_tokens + rec.decode_tokens
     assert steps["iterations"].sum() == rec.steps
@@ -86,7 +85,6 @@ def check_conservation(exp: Experiment, name: str, chunked: bool = False):
     assert steps["batch_size"].max() <= exp.config.max_num_seqs
     if result.plan.max_distinct is not None:
         assert steps["distinct_adapters"].max() <= result.plan.max_distinct
-    del model_exec
     return result, rec
 
 
@@ -112,6 +110,9 @@ def test_preemption_when_kv_runs_out():
     assert result.preemptions > 0
     reserved, _ = check_conservation(Experiment.build(dataclasses.replace(cfg, kv_policy="reserve")), "single")
     assert reserved.preemptions == 0
+    chunked = dataclasses.replace(cfg, chunked_prefill=True, max_num_batched_tokens=300)
+    result, _ = check_conservation(Experiment.build(chunked), "paged", chunked=True)
+    assert result.preemptions > 0
 
 
 @pytest.mark.parametrize("name", ["per-lora", "paged"])
@@ -119,7 +120,8 @@ def test_each_adapter_loaded_once_when_all_fit(name):
     exp = Experiment.build(small_config(max_loras=40))
     result = exp.serve(name, executor=ConstantExecutor(0.002, 0.001))
     assert result.adapter_loads == len(np.unique(exp.requests.adapter))
-    assert result.adapter_hit_rate == pytest.approx(1 - result.adapter_loads / len(exp.requests), abs=0.1)
+    # every load served the request that needed it; every later request found its adapter resident
+    assert result.adapter_hit_rate == pytest.approx(1 - result.adapter_loads / len(exp.requests))
 
 
 def test_few_slots_cause_reloads_and_stalls():
@@ -222,3 +224,22 @@ def test_modeled_offline_ordering_matches_the_published_one():
     ratio = s.set_index("strategy")["throughput_vs_single"]
     assert 0.7 <= ratio["compressed"] <= 1.0
     assert ratio["per-lora"] < ratio["compressed"] - 0.1
+
+
+def test_every_strategy_gets_the_same_memory_budget():
+    exp = Experiment.build(RunConfig(n_loras=1024, requests=10))
+    model = exp.model
+    budget = int(exp.device.memory_bytes * 0.9) - model.params * 2
+    compressed = exp.strategy("compressed")
+    r, layers = 64, model.layers
+    bases = exp.workload.adapters.clusters * layers * sum(r * (d_in + d_out) for d_in, d_out in (
+        model.module_shape(m) for m in ("q_proj", "k_proj", "v_proj", "o_proj"))) * 2
+    assert compressed.shared_bytes == bases and compressed.total_adapter_bytes == 1024 * layers * 4 * r * r * 2
+    for name in ("single", "per-lora", "paged", "compressed"):
+        plan = exp.plan(exp.strategy(name))
+        assert plan.status == "ok" and plan.budget == budget
+        used = plan.adapter_capacity if name == "paged" else plan.shared_bytes + plan.adapter_capacity + plan.kv_capacity
+        assert used == budget
+    per_lora = exp.plan(exp.strategy("per-lora"))
+    one = model.lora_params(16) * 2  # bytes of one rank-16 adapter
+    assert per_lora.slots == (bases + 1024 * layers * 4 * r * r * 2) // one == per_lora.max_distinct

@@ -63,6 +63,12 @@ def test_gamma_gaps_have_the_right_mean_and_burstiness(shape):
     assert abs(gaps.var() - var) < 4 * np.sqrt((fourth - var**2) / n)
     # and the gaps follow that gamma law
     assert stats.kstest(gaps, stats.gamma(shape, scale=mean / shape).cdf).pvalue > 1e-3
+    # counts in windows of W seconds: a renewal process has mean rate W and variance ~ rate W CV^2
+    window = 10.0
+    counts = np.bincount((t[t < window * np.floor(t[-1] / window)] / window).astype(int))
+    m, cv2 = len(counts), 1 / shape
+    assert abs(counts.mean() - rate * window) < 4 * np.sqrt(rate * window * cv2 / m)
+    assert abs(counts.var() / (rate * window * cv2) - 1) < 4 * np.sqrt(2 / (m - 1)) + 0.05
 
 
 def test_constant_and_offline_arrivals():
@@ -147,9 +153,9 @@ def test_trace_replay(tmp_path):
         'n_loras = 3\n[arrival]\nkind = "trace"\n[popularity]\nkind = "trace"\n[prompt]\nkind = "trace"\n'
         '[output]\nkind = "trace"\n[trace]\npath = "t.csv"\n')
     r = load_workload(str(tmp_path / "w.toml")).generate()
-    assert r.arrival_s.tolist() == [0.1, 0.5, 0.9]
-    # arrivals are sorted; the other columns as written: rows keep their own values
-    assert sorted(zip(r.prompt_tokens.tolist(), r.output_tokens.tolist())) == [(10, 3), (20, 4), (30, 5)]
+    # replayed in arrival order, each row's columns kept together
+    got = list(zip(r.arrival_s.tolist(), r.adapter.tolist(), r.prompt_tokens.tolist(), r.output_tokens.tolist()))
+    assert got == sorted(rows)
 
 
 @pytest.mark.parametrize("text, words", [

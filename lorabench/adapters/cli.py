@@ -37,7 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="collection directory to create")
-    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     i = sub.add_parser("info", help="check a collection of PEFT adapters and describe it")
     i.add_argument("adapters_dir")
     i.add_argument("--model", default=None, choices=list(MODELS), help="also check shapes against this model")
@@ -51,20 +50,19 @@ def main(args: argparse.Namespace) -> int:
             modules=tuple(m for m in args.modules.split(",") if m), layers=args.layers, rslora=args.rslora,
             dtype=args.dtype, seed=args.seed,
         )
-        out = write_synth_collection(spec, args.out, overwrite=args.overwrite)
+        out = write_synth_collection(spec, args.out)
         print(f"wrote {spec.n} adapters ({spec.model}, ranks {list(spec.ranks)}, {spec.clusters} clusters) to {out}")
         return 0
     if args.action == "info":
         coll = load_collection(args.adapters_dir, model=args.model)
-        modules = Counter(k.module for k in coll.modules)
-        ranks = Counter(r for per in coll.ranks for r in set(per.values()))
-        rows = [
-            {"module": m, "layers": c, "d_in": coll.shapes[next(k for k in coll.modules if k.module == m)][0],
-             "d_out": coll.shapes[next(k for k in coll.modules if k.module == m)][1]}
-            for m, c in modules.items()
-        ]
+        rows: dict[str, dict] = {}
+        for key in coll.modules:
+            d_in, d_out = coll.shapes[key]
+            row = rows.setdefault(key.module, {"module": key.module, "layers": 0, "d_in": d_in, "d_out": d_out})
+            row["layers"] += 1
+        ranks = Counter(max(per.values()) for per in coll.ranks)
         print(f"{len(coll)} adapters in {coll.root}, dtype {str(coll.dtype).removeprefix('torch.')}, "
-              f"ranks {dict(sorted(ranks.items()))}, {coll.uncompressed_params() / 1e6:.1f} M parameters")
-        print(pd.DataFrame(rows).to_string(index=False))
+              f"adapters per rank {dict(sorted(ranks.items()))}, {coll.uncompressed_params():,} parameters")
+        print(pd.DataFrame(list(rows.values())).to_string(index=False))
         return 0
     raise LorabenchError(f"unknown action {args.action!r}")

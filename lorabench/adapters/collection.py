@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from lorabench.adapters import peft
 from lorabench.adapters.types import Adapter, LoraStack, ModuleKey
@@ -74,19 +75,23 @@ class AdapterCollection:
         """Numbers in all A and B of all adapters."""
         return sum(r * sum(self.shapes[k]) for ranks in self.ranks for k, r in ranks.items())
 
-    def hashes(self) -> list[str]:
+    def hashes(self, progress: bool = False) -> list[str]:
         """sha256 of each adapter's config and weights files (identifies the compressed sources)."""
         if self._hashes is None:
-            self._hashes = [hash_adapter(Path(a.folder)) for a in self.adapters]
+            bar = tqdm(self.adapters, desc="hashing", unit="adapter", disable=not progress)
+            self._hashes = [hash_adapter(Path(a.folder)) for a in bar]
         return self._hashes
 
 
 def hash_adapter(folder: Path) -> str:
     h = hashlib.sha256()
     for name in (peft.CONFIG_FILE, peft.WEIGHTS_FILE):
-        with open(folder / name, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
+        try:
+            with open(folder / name, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+        except OSError as err:
+            raise LorabenchError(f"adapter {folder}: cannot read {name} ({err.strerror})") from None
     return h.hexdigest()
 
 

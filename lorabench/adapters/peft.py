@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lorabench.adapters.atomic import atomic_dir
 from lorabench.adapters.types import AdapterConfig, ModuleKey
 from lorabench.errors import LorabenchError
 from lorabench.presets import ATTENTION_MODULES, MLP_MODULES
+from lorabench.results import atomic_dir
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -171,7 +171,6 @@ def write_adapter(
     folder: str | Path,
     config: AdapterConfig,
     factors: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]],
-    overwrite: bool = False,
 ) -> Path:
     """Write one adapter in PEFT's format (atomically): `factors` maps module -> (A (r, d_in), B (d_out, r))."""
     folder = Path(folder)
@@ -182,7 +181,7 @@ def write_adapter(
             raise ValueError(f"{key.name}: A {tuple(A.shape)} and B {tuple(B.shape)} are not LoRA factors")
         tensors[peft_key(key, "A")] = A.detach().contiguous().cpu()
         tensors[peft_key(key, "B")] = B.detach().contiguous().cpu()
-    with atomic_dir(folder, overwrite=overwrite) as tmp:
+    with atomic_dir(folder) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     return folder

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lorabench.adapters.atomic import atomic_dir
 from lorabench.adapters.peft import write_adapter
 from lorabench.adapters.types import AdapterConfig, ModuleKey
 from lorabench.errors import LorabenchError
 from lorabench.presets import ALL_LINEAR, ATTENTION_MODULES, model_preset
+from lorabench.results import atomic_dir
 
 SYNTH_FILE = "synth.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -105,7 +105,7 @@ def _cluster_bases(seed: int, d_in: int, d_out: int, m: int, layer: int, module:
     g = _generator(seed, 3, layer, ALL_LINEAR.index(module), cluster)
     Ub = torch.linalg.qr(torch.randn(d_out, m, generator=g, dtype=torch.float64))[0]
     Vb = torch.linalg.qr(torch.randn(d_in, m, generator=g, dtype=torch.float64))[0]
-    return Ub, Vb
+    return Ub.float(), Vb.float()  # cached for every adapter: float32 halves the cache
 
 
 def synth_adapter(spec: SynthSpec, i: int, cluster: int, rank: int) -> tuple[AdapterConfig, dict]:
@@ -125,7 +125,7 @@ def synth_adapter(spec: SynthSpec, i: int, cluster: int, rank: int) -> tuple[Ada
     factors = {}
     for key in spec.module_keys:
         d_in, d_out = preset.module_shape(key.module)
-        Ub, Vb = _cluster_bases(spec.seed, d_in, d_out, spec.m, key.layer, key.module, cluster)
+        Ub, Vb = (b.double() for b in _cluster_bases(spec.seed, d_in, d_out, spec.m, key.layer, key.module, cluster))
         X = torch.randn(spec.m, r_shared, generator=g, dtype=torch.float64) / math.sqrt(spec.m)
         Y = torch.randn(r_shared, spec.m, generator=g, dtype=torch.float64) / math.sqrt(spec.m)
         Gb = torch.randn(d_out, r_own, generator=g, dtype=torch.float64) / math.sqrt(d_out)
@@ -143,12 +143,12 @@ def synth_adapter(spec: SynthSpec, i: int, cluster: int, rank: int) -> tuple[Ada
     return config, factors
 
 
-def write_synth_collection(spec: SynthSpec, out: str | Path, overwrite: bool = False, progress: bool = True) -> Path:
+def write_synth_collection(spec: SynthSpec, out: str | Path, progress: bool = True) -> Path:
     """Write `spec.n` adapters as PEFT folders adapter_0000, ... under `out`, plus synth.json
     (the spec and the planted cluster and rank of every adapter)."""
     clusters, ranks = planted_clusters(spec), planted_ranks(spec)
     width = max(4, len(str(spec.n - 1)))
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out) as tmp:
         for i in tqdm(range(spec.n), desc="adapters", unit="adapter", disable=not progress):
             config, factors = synth_adapter(spec, i, clusters[i], ranks[i])
             write_adapter(tmp / f"adapter_{i:0{width}d}", config, factors)

@@ -175,11 +175,11 @@ class LoraStack:
     # The four products every method is built from; each costs O(n r d c) and is one GEMM.
     def bt_times(self, X: torch.Tensor) -> torch.Tensor:
         """B_i^T X for every i: (n, r, c) from X (d_out, c)."""
-        return (self.Bt.reshape(-1, self.d_out) @ X).reshape(self.n, -1, X.shape[1])
+        return (self.Bt.reshape(-1, self.d_out) @ X).reshape(self.n, self.A.shape[1], X.shape[1])
 
     def a_times(self, X: torch.Tensor) -> torch.Tensor:
         """A_i X for every i: (n, r, c) from X (d_in, c)."""
-        return (self.A.reshape(-1, self.d_in) @ X).reshape(self.n, -1, X.shape[1])
+        return (self.A.reshape(-1, self.d_in) @ X).reshape(self.n, self.A.shape[1], X.shape[1])
 
     def sum_b_times(self, Y: torch.Tensor) -> torch.Tensor:
         """sum_i B_i Y_i: (d_out, c) from Y (n, r, c)."""

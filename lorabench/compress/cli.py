@@ -59,7 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fit the adapters of DIR onto this compressed collection's bases")
     parser.add_argument("--export", default=None, metavar="ADAPTER",
                         help="write adapter ADAPTER of the compressed collection DIR as a PEFT adapter")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or table")
 
 
@@ -80,12 +79,12 @@ def _read_weights(path: str | None) -> dict[str, float] | None:
 def main(args: argparse.Namespace) -> int:
     if args.export is not None:
         compressed = CompressedCollection.load(args.source)
-        out = compressed.export_peft(args.export, args.out, overwrite=args.overwrite)
+        out = compressed.export_peft(args.export, args.out)
         print(f"wrote adapter {args.export!r} (rank {compressed.rank}, {compressed.method}) to {out}")
         return 0
     if args.onto is not None:
         summary = add_adapters(CompressedCollection.load(args.onto), args.source, args.out,
-                               overwrite=args.overwrite, progress=not args.quiet)
+                               progress=not args.quiet)
         print(f"added {summary['added']} adapters; wrote {args.out}")
         return 0
     if args.rank is None:
@@ -97,15 +96,13 @@ def main(args: argparse.Namespace) -> int:
         normalize=args.normalize, tol=args.tol, max_iter=args.max_iter, seed=args.seed,
     )
     collection = load_collection(args.source, model=args.model)
-    if config.clusters != "auto" and config.clusters > len(collection):
-        raise LorabenchError(f"--clusters {config.clusters} exceeds the {len(collection)} adapters")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise LorabenchError(f"--device {args.device}: no CUDA device here")
     summary = compress_collection(
         collection, config, args.out, weights=_read_weights(args.weights),
         memory_budget=None if args.memory_budget is None else args.memory_budget * GIB,
         dtype=_DTYPES[args.dtype] if args.dtype else None, compute_dtype=_DTYPES[args.compute_dtype],
-        device=args.device, overwrite=args.overwrite, progress=not args.quiet,
+        device=args.device, progress=not args.quiet,
     )
     print(f"wrote {args.out} (mean error {summary['mean_error']:.4f}, {summary['seconds']:.1f} s)")
     return 0

@@ -18,7 +18,7 @@ import torch
 
 from lorabench.adapters.types import LoraStack
 from lorabench.compress.diagonal import fit_diagonal, project_diagonal
-from lorabench.compress.fit import GroupFit, ModuleFit, orthonormalize, relative
+from lorabench.compress.fit import GroupFit, ModuleFit, orthonormalize, relative, threads_by_size
 from lorabench.compress.full import fit_full, project_full
 
 # method -> (fit one group, best cores and absolute errors on given bases)
@@ -45,7 +45,7 @@ def _kmeanspp_assignment(stack: LoraStack, rank: int, k: int, norms2: torch.Tens
     g = torch.Generator().manual_seed(seed)
 
     def errors_under(j: int) -> torch.Tensor:
-        return relative(project_full(stack, *_seed_bases(stack, j, rank, seed))[1], norms2)
+        return relative(project_full(stack, *_seed_bases(stack, j, rank, seed))[1].cpu(), norms2)
 
     seeds = [int(torch.randint(stack.n, (1,), generator=g))]
     errors = [errors_under(seeds[0])]
@@ -82,6 +82,7 @@ def _fill_empty(assignment: torch.Tensor, rel_err: torch.Tensor, k: int) -> list
     return refilled
 
 
+@threads_by_size
 def fit_clusters(
     stack: LoraStack,
     rank: int,
@@ -95,7 +96,7 @@ def fit_clusters(
 ) -> ModuleFit:
     """Compress one module's adapters into k groups (k = 1: one shared pair of bases)."""
     fit, project = METHODS[method]
-    norms2 = stack.norms2()
+    norms2, w = stack.norms2().cpu(), w.cpu()  # per-adapter bookkeeping on the CPU, fits on the stack's device
     if not 1 <= k <= stack.n:
         raise ValueError(f"clusters must be in 1..{stack.n} (the number of adapters), got {k}")
     assignment = torch.zeros(stack.n, dtype=torch.long) if k == 1 else _kmeanspp_assignment(stack, rank, k, norms2, seed)
@@ -112,10 +113,10 @@ def fit_clusters(
 
     for _ in range(max_rounds):
         groups = fit_groups()
-        history.append(sum(float((w[assignment == g].double() * gf.err).sum()) for g, gf in enumerate(groups)))
+        history.append(sum(float((w[assignment == g].double() * gf.err.cpu()).sum()) for g, gf in enumerate(groups)))
         if k == 1:
             break
-        err = torch.stack([project(stack, gf.U, gf.V)[1] for gf in groups], dim=1)  # (n, k)
+        err = torch.stack([project(stack, gf.U, gf.V)[1].cpu() for gf in groups], dim=1)  # (n, k)
         current = err.gather(1, assignment[:, None]).squeeze(1)
         best, choice = err.min(dim=1)
         moved = best < current * (1 - 1e-9)  # move only on a real improvement: no ping-pong on ties
@@ -128,10 +129,10 @@ def fit_clusters(
     else:  # rounds ran out while adapters still moved: fit the final groups
         groups = fit_groups()
     S = torch.zeros((stack.n,) + groups[0].S.shape[1:], dtype=stack.A.dtype, device=stack.A.device)
-    err = torch.zeros(stack.n, dtype=torch.float64, device=stack.A.device)
+    err = torch.zeros(stack.n, dtype=torch.float64)
     for group, gf in enumerate(groups):
         idx = torch.nonzero(assignment == group).flatten()
-        S[idx], err[idx] = gf.S, gf.err
+        S[idx.to(S.device)], err[idx] = gf.S, gf.err.cpu()
     return ModuleFit(
         U=torch.stack([gf.U for gf in groups]),
         V=torch.stack([gf.V for gf in groups]),

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from lorabench.adapters.peft import read_adapter, write_adapter
 from lorabench.adapters.types import AdapterConfig, LoraStack, ModuleKey
 from lorabench.compress.clusters import METHODS
-from lorabench.compress.fit import relative
+from lorabench.compress.fit import one_thread, relative
 from lorabench.errors import LorabenchError
 
 METADATA_FILE = "metadata.json"
@@ -151,19 +151,17 @@ class CompressedCollection:
             )
         return out
 
-    def export_peft(self, adapter: int | str, out: str | Path, overwrite: bool = False) -> Path:
+    def export_peft(self, adapter: int | str, out: str | Path) -> Path:
         """Write one adapter, as the compression reconstructs it, as a PEFT adapter folder."""
-        return write_adapter(out, self.adapter_config(adapter), self.factors(adapter), overwrite=overwrite)
+        return write_adapter(out, self.adapter_config(adapter), self.factors(adapter))
 
     def fit_adapter(self, folder: str | Path, compute_dtype: torch.dtype = torch.float32) -> AdapterFit:
         """Fit a new PEFT adapter onto the existing bases (no recompression): on every module, the
         best core on each cluster's bases, keeping the cluster that reconstructs it best."""
         if self.method not in METHODS:
             raise LorabenchError(f"{self.root}: method {self.method!r} has no shared bases to fit new adapters onto")
-        project = METHODS[self.method][1]
         folder = Path(folder)
         config, factors = read_adapter(folder)
-        shapes = {m["name"]: (m["d_in"], m["d_out"]) for m in self.metadata["modules"]}
         if set(factors) != set(self.modules):
             missing = sorted(set(self.modules) - set(factors))
             key = (missing or sorted(set(factors) - set(self.modules)))[0]
@@ -171,19 +169,24 @@ class CompressedCollection:
                 f"adapter {folder}: module {key.name} is {'missing' if missing else 'not in the compressed collection'}"
             )
         fit = AdapterFit(folder.name, config, {k: A.shape[0] for k, (A, _) in factors.items()}, {}, {}, {}, {})
-        for key in self.modules:
-            A, B = factors[key]
-            if (A.shape[1], B.shape[0]) != shapes[key.name]:
-                raise LorabenchError(
-                    f"adapter {folder}: module {key.name} is ({B.shape[0]} x {A.shape[1]}), the collection's is "
-                    f"({shapes[key.name][1]} x {shapes[key.name][0]})"
-                )
-            stack = LoraStack.from_factors([A], [B], [config.scaling(key)], dtype=compute_dtype)
-            mod = self.module(key)
-            tries = [project(stack, mod.U[k].to(compute_dtype), mod.V[k].to(compute_dtype)) for k in range(mod.U.shape[0])]
-            k = min(range(len(tries)), key=lambda c: float(tries[c][1][0]))
-            norms2 = stack.norms2()
-            fit.S[key], fit.cluster[key] = tries[k][0][0], k
-            fit.errors[key] = float(relative(tries[k][1], norms2)[0])
-            fit.norms2[key] = float(norms2[0])
+        with one_thread():  # one adapter: tiny products
+            for key in self.modules:
+                self._fit_module(fit, key, *factors[key], config.scaling(key), folder, compute_dtype)
         return fit
+
+    def _fit_module(self, fit: AdapterFit, key: ModuleKey, A, B, scaling: float, folder: Path, compute_dtype) -> None:
+        d_in, d_out = next((m["d_in"], m["d_out"]) for m in self.metadata["modules"] if m["name"] == key.name)
+        if (A.shape[1], B.shape[0]) != (d_in, d_out):
+            raise LorabenchError(
+                f"adapter {folder}: module {key.name} is ({B.shape[0]} x {A.shape[1]}), the collection's is "
+                f"({d_out} x {d_in})"
+            )
+        project = METHODS[self.method][1]
+        stack = LoraStack.from_factors([A], [B], [scaling], dtype=compute_dtype)
+        mod = self.module(key)
+        tries = [project(stack, mod.U[k].to(compute_dtype), mod.V[k].to(compute_dtype)) for k in range(mod.U.shape[0])]
+        k = min(range(len(tries)), key=lambda c: float(tries[c][1][0]))
+        norms2 = stack.norms2()
+        fit.S[key], fit.cluster[key] = tries[k][0][0], k
+        fit.errors[key] = float(relative(tries[k][1], norms2)[0])
+        fit.norms2[key] = float(norms2[0])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from lorabench.adapters.types import LoraStack
-from lorabench.compress.fit import GroupFit, converged, one_thread, rounding_floor
+from lorabench.compress.fit import GroupFit, converged, one_thread, rounding_floor, threads_by_size
 from lorabench.compress.full import fit_full
 
 
@@ -49,7 +49,7 @@ def _jennrich(S: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor] |
     """X, Y (R x R, real) with S_i ~= X D_i Y^T, or None if the cores do not allow it."""
     g = torch.Generator().manual_seed(seed)
     a, b = (torch.randn(S.shape[0], generator=g, dtype=torch.float64) for _ in range(2))
-    Sd = S.double()
+    Sd = S.double().cpu()
     Ma, Mb = torch.einsum("n,nij->ij", a, Sd), torch.einsum("n,nij->ij", b, Sd)
     with one_thread():
         if torch.linalg.cond(Mb) > 1e10:
@@ -65,6 +65,7 @@ def _jennrich(S: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor] |
     return X.to(S), Y.to(S)
 
 
+@threads_by_size
 def fit_diagonal(
     stack: LoraStack,
     rank: int,
@@ -76,7 +77,7 @@ def fit_diagonal(
 ) -> GroupFit:
     """Fit U (d_out x R), V (d_in x R) and diagonal cores s_i (n x R) to one group of adapters."""
     norms2 = stack.norms2()
-    wd = w.double()
+    wd = w.to(norms2)
     total = float((wd * norms2).sum())
     floor = rounding_floor(total, stack.A.dtype)
     if init is None:

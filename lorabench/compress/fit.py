@@ -11,8 +11,9 @@ O(n r d R), or an R x R (at most 2R x 2R) problem. Errors and objectives are acc
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -41,9 +42,9 @@ class GroupFit:
 class ModuleFit:
     """One module's compression: K groups of shared bases, one core per adapter.
 
-    U: (K, d_out, R)   V: (K, d_in, R)   S: (n, R, R) or (n, R)   cluster_of: (n,) int64
-    errors: (n,) float64 relative errors ||B_i A_i - U S_i V^T||^2 / ||B_i A_i||^2
-    norms2: (n,) float64 ||B_i A_i||^2 (scaling included)
+    U: (K, d_out, R)   V: (K, d_in, R)   S: (n, R, R) or (n, R)   (on the fit's device)
+    cluster_of: (n,) int64; errors: (n,) float64 relative errors ||B_i A_i - U S_i V^T||^2 / ||B_i A_i||^2;
+    norms2: (n,) float64 ||B_i A_i||^2, scaling included   (these three on the CPU)
     """
 
     U: torch.Tensor
@@ -80,6 +81,23 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+SMALL_STACK = 1 << 22  # numbers in A and B below which a whole fit runs on one thread
+
+
+def threads_by_size(fit: Callable) -> Callable:
+    """Run `fit(stack, ...)` on one thread when the stack is small: its ops are then tiny, and extra
+    threads only add synchronization (milliseconds per op on busy shared cores). Large stacks keep
+    every thread for their GEMMs."""
+
+    @functools.wraps(fit)
+    def wrapper(stack, *args, **kwargs):
+        small = stack.A.numel() + stack.Bt.numel() < SMALL_STACK
+        with one_thread() if small else contextlib.nullcontext():
+            return fit(stack, *args, **kwargs)
+
+    return wrapper
 
 
 def orthonormalize(X: torch.Tensor, against: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from lorabench.adapters.types import LoraStack
-from lorabench.compress.fit import GroupFit, converged, one_thread, orthonormalize, rounding_floor
+from lorabench.compress.fit import GroupFit, converged, one_thread, orthonormalize, rounding_floor, threads_by_size
 
 Product = Callable[[torch.Tensor], torch.Tensor]
 
@@ -51,17 +51,19 @@ def _rayleigh_ritz(
     rank = basis.shape[1]
     cores = proj.transpose(1, 2) @ other  # S_i or S_i^T (n, R, R)
     G_basis = sum_times(w.to(other)[:, None, None] * (other @ cores.transpose(1, 2)))
-    extra = orthonormalize(G_basis, against=basis)
+    room = min(rank, basis.shape[0] - rank)  # new directions that fit beside the basis (R > d/2: fewer)
+    extra = orthonormalize(G_basis[:, :room], against=basis)
     proj_all = torch.cat([proj, times(extra)], dim=2)  # (n, r, 2R)
-    Z = proj_all.transpose(1, 2) @ other  # (n, 2R, R): [basis, extra]^T F_i other_i
-    Z = (Z * w.to(Z).sqrt()[:, None, None]).transpose(0, 1).reshape(2 * rank, -1)
-    H = (Z @ Z.T).double()  # sum_i w_i Z_i Z_i^T, (2R, 2R)
+    Z = proj_all.transpose(1, 2) @ other  # (n, R + room, R): [basis, extra]^T F_i other_i
+    Z = (Z * w.to(Z).sqrt()[:, None, None]).transpose(0, 1).reshape(rank + room, -1)
+    H = (Z @ Z.T).double()  # sum_i w_i Z_i Z_i^T
     with one_thread():
         evals, evecs = torch.linalg.eigh(H)
     top = evecs[:, -rank:].to(basis)
     return torch.cat([basis, extra], dim=1) @ top, proj_all @ top, float(evals[-rank:].sum())
 
 
+@threads_by_size
 def fit_full(
     stack: LoraStack,
     rank: int,
@@ -76,6 +78,7 @@ def fit_full(
     w: (n,) float64 objective weights. Deterministic given `seed` (and `init`, if given).
     """
     norms2 = stack.norms2()
+    w = w.to(norms2)
     total = float((w * norms2).sum())
     floor = rounding_floor(total, stack.A.dtype)
     U, V = init if init is not None else initial_bases(stack, rank, w, seed)

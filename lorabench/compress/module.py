@@ -75,6 +75,8 @@ def compress_module(
     meets config.target_error (or K reaches its memory cap), then bisection for the smallest such K."""
     if config.rank > min(stack.d_in, stack.d_out):
         raise LorabenchError(f"--rank {config.rank} exceeds the module's size {stack.d_out} x {stack.d_in}")
+    if config.clusters != "auto" and config.clusters > stack.n:
+        raise LorabenchError(f"--clusters {config.clusters} exceeds the {stack.n} adapters")
     if config.method == "svd":
         return fit_svd(stack, config.rank)
     w = resolve_weights(stack.norms2(), weights, config.normalize)

@@ -15,13 +15,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from lorabench.adapters.atomic import atomic_dir
 from lorabench.adapters.collection import AdapterCollection, adapter_folders, hash_adapter
 from lorabench.compress.collection import FORMAT, METADATA_FILE, MODULES_DIR, VERSION, CompressedCollection
 from lorabench.compress.fit import ModuleFit
 from lorabench.compress.module import CompressConfig, compress_module
 from lorabench.compress.report import ERRORS_FILE, error_rows, summarize, summary_table, write_reports
 from lorabench.errors import LorabenchError
+from lorabench.results import atomic_dir
 
 SCALING_NOTE = (
     "each adapter's LoRA scaling (lora_alpha/r, or lora_alpha/sqrt(r) with rsLoRA) is folded into its "
@@ -76,7 +76,6 @@ def compress_collection(
     dtype: torch.dtype | None = None,
     compute_dtype: torch.dtype = torch.float32,
     device: str = "cpu",
-    overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Compress every module of `collection` into the folder `out`; returns summary.json's content.
@@ -88,9 +87,10 @@ def compress_collection(
     dtype = dtype or collection.dtype
     element_size = torch.empty((), dtype=dtype).element_size()
     w = _weights(collection, weights)
+    hashes = collection.hashes(progress)
     sizes = {k: sum(collection.shapes[k]) for k in collection.modules}
     records, frames = [], []
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out) as tmp:
         (tmp / MODULES_DIR).mkdir()
         bar = tqdm(collection.modules, desc="modules", unit="module", disable=not progress)
         for key in bar:
@@ -122,7 +122,7 @@ def compress_collection(
             "adapters": [
                 {"name": a.name, "sha256": h, "r": a.config.r, "lora_alpha": a.config.lora_alpha,
                  "use_rslora": a.config.use_rslora, "base_model_name_or_path": a.config.base_model_name_or_path}
-                for a, h in zip(collection.adapters, collection.hashes())
+                for a, h in zip(collection.adapters, hashes)
             ],
             "modules": records,
         }
@@ -141,7 +141,6 @@ def add_adapters(
     compressed: CompressedCollection,
     new_dir: str | Path,
     out: str | Path,
-    overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Fit every adapter folder of `new_dir` onto `compressed`'s bases (no refitting of the bases) and
@@ -157,7 +156,7 @@ def add_adapters(
     element_size = torch.empty((), dtype=dtype).element_size()
     errors = pd.read_csv(compressed.root / ERRORS_FILE)
     new_rows = []
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out) as tmp:
         (tmp / MODULES_DIR).mkdir()
         for record, key in zip(meta["modules"], compressed.modules):
             mod = compressed.module(key)

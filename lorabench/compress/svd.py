@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 
 from lorabench.adapters.types import LoraStack
-from lorabench.compress.fit import ModuleFit, relative
+from lorabench.compress.fit import ModuleFit, relative, threads_by_size
 
 
+@threads_by_size
 def fit_svd(stack: LoraStack, rank: int) -> ModuleFit:
     """Rank-min(rank, r) truncation of every adapter: U (n, d_out, R'), V (n, d_in, R'), S (n, R')."""
     Qb, Rb = torch.linalg.qr(stack.Bt.transpose(1, 2))  # (n, d_out, r), (n, r, r)
@@ -27,6 +28,6 @@ def fit_svd(stack: LoraStack, rank: int) -> ModuleFit:
         V=Qa @ Vch.transpose(1, 2)[:, :, :kept],
         S=sigma[:, :kept].contiguous(),
         cluster_of=torch.arange(stack.n),
-        errors=relative(err, norms2),
-        norms2=norms2,
+        errors=relative(err, norms2).cpu(),
+        norms2=norms2.cpu(),
     )

@@ -15,13 +15,16 @@ LoRA adds, per target module:
 - compressed: x @ V per cluster present, a per-token R x R product with the gathered S_i, @ U^T
               per cluster (three kernels; each cluster present is one more segment).
 
-`Efficiency` holds every factor and fixed cost. Its defaults are calibrated on the H200 figures of
-anchors.md (torch 2.11, CUDA graphs): the base layer's decode time at batch 1/16/64/256 (163.7 /
-169.2 / 200.4 / 344.7 us), the single-LoRA kernels (12.8 us at M = 1, 20.4 us at M = 1024), and the
-vLLM multi-LoRA kernels (a least-squares fit of the 13 rows: 14.1 + 0.36 D + 0.0059 M + 0.0007 D M
-us specialized, plus ~0.07 (1 + M / 256) us per unused slot with the default grid). A measured
-profile (`lorabench profile`, issue 5) replaces any of them: `apply_profile` takes the fields a
-profile JSON names ({"device": {...}, "efficiency": {...}}) and keeps the rest.
+`Efficiency` holds every factor and LoRA fixed cost; a base-model kernel's fixed cost is the device's
+`launch_overhead_s`. The defaults are calibrated on the H200 figures of anchors.md (torch 2.11, CUDA
+graphs): a decoder layer's decode step at batch 1/16/64/256 (measured 163.7 / 169.2 / 200.4 / 344.7 us,
+modeled 165 / 173 / 200 / 354; with single LoRA 207 / 215 / 246 / 392 measured, 210 / 219 / 247 / 405
+modeled), the single-LoRA kernels (12.8 us at M = 1, 20.4 us at M = 1024) and the vLLM multi-LoRA
+kernels (a least-squares fit of the 13 rows: 14.1 + 0.36 D + 0.0059 M + 0.0007 D M us with the grid
+sized to the distinct adapters, plus ~0.07 (1 + M / 256) us per unused slot with vLLM's default grid).
+A measured profile (`lorabench profile`, issue 5) replaces any of them: `apply_profile` takes the
+fields a profile JSON names ({"device": {...}, "efficiency": {...}}) and keeps the rest; its
+`step_scale` / `load_scale` multiply every modeled step / load (a measured-over-modeled fit).
 """
 
 from __future__ import annotations
@@ -53,13 +56,17 @@ class Efficiency:
     lora_empty_slot_s: float = 0.07e-6  # per-lora default grid: per unused resident slot per module
     paged_gather: float = 1.10  # paged kernels vs per-lora ones (page-table gather); assumed, not measured
     step_overhead_s: float = 0.0  # host-side scheduling and sampling per step (CUDA graphs: ~0)
+    # Overall corrections a profile may fit (measured / modeled), applied to every step and load.
+    step_scale: float = 1.0
+    load_scale: float = 1.0
 
 
 def _replace_fields(obj, values: dict, where: str):
     names = {f.name for f in dataclasses.fields(obj)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise LorabenchError(f"{where}: unknown field(s) {', '.join(unknown)}; expected among {', '.join(sorted(names))}")
+        raise LorabenchError(
+            f"{where}: unknown field(s) {', '.join(unknown)}; expected among {', '.join(sorted(names))}")
     for key, value in values.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise LorabenchError(f"{where}: field {key} must be a non-negative number, got {value!r}")
@@ -182,7 +189,10 @@ class ModeledExecutor:
         """LoRA time of one layer (all target modules)."""
         m, strategy = step.num_tokens, self.lora.strategy
         if strategy == "compressed":
-            present = 1 if self._n_clusters == 1 else len(np.unique(self.lora.clusters[step.adapters]))
+            present = 1
+            if self._n_clusters > 1:  # clusters the batch touches
+                touched = np.bincount(self.lora.clusters[step.adapters], minlength=self._n_clusters)
+                present = int(np.count_nonzero(touched))
             key = (m, present, step.distinct_adapters)
             if key not in self._memo:
                 self._memo[key] = self._compressed(m, present, step.distinct_adapters)
@@ -219,8 +229,10 @@ class ModeledExecutor:
         e, b = self.eff, self.dtype_bytes
         total = 0.0
         for d_in, d_out in self._modules:
+            # shrink reads x and the A of every segment; expand reads the B's and adds into y
             shrink = self._kernel(2.0 * m * d_in * rank, b * (rank_sum * d_in + m * (d_in + rank)), e.lora_kernel_s)
-            expand = self._kernel(2.0 * m * rank * d_out, b * (rank_sum * d_out + m * (rank + 2 * d_out)), e.lora_kernel_s)
+            expand = self._kernel(2.0 * m * rank * d_out, b * (rank_sum * d_out + m * (rank + 2 * d_out)),
+                                  e.lora_kernel_s)
             grid = segments * (e.lora_segment_s + m * e.lora_segment_token_s)
             if strategy == "per-lora":
                 unused = max(self.lora.resident_slots + 1 - segments, 0)
@@ -236,8 +248,8 @@ class ModeledExecutor:
     def step(self, step: Step) -> float:
         if step.batch_size == 0:
             return 0.0
-        per_layer = self._attention(step) + self._lora(step)
-        return self._dense_part(step.num_tokens, step.batch_size) + self.model.layers * per_layer
+        layers = self.model.layers * (self._attention(step) + self._lora(step))
+        return (self._dense_part(step.num_tokens, step.batch_size) + layers) * self.eff.step_scale
 
     def load(self, nbytes: int, copies: int = 1) -> float:
-        return nbytes / self.device.host_link_bandwidth + copies * self.device.copy_latency_s
+        return (nbytes / self.device.host_link_bandwidth + copies * self.device.copy_latency_s) * self.eff.load_scale

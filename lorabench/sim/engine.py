@@ -11,7 +11,8 @@ record; each iteration still gets its own executor call, with the context grown 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 import simpy
@@ -49,7 +50,6 @@ class RunResult:
     peak_total_bytes: int = 0  # weights + KV + adapters
     kv_capacity_bytes: int = 0
     preemptions: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Replica:
@@ -71,7 +71,7 @@ class Replica:
         preloaded = range(plan.slots) if plan.preload else ()
         self.cache = AdapterCache(adapter_pool, strategy, self.in_use, host_slots, preloaded)
         self.kv = KVCache(kv_pool, config.block_size, kv_bytes_per_token, self.cache if strategy.shared_pool else None)
-        config = SchedulerConfig(**{**config.__dict__, "max_distinct": plan.max_distinct, "prefetch": strategy.prefetch})
+        config = dataclasses.replace(config, max_distinct=plan.max_distinct, prefetch=strategy.prefetch)
         self.cfg = config
         self.sched = Scheduler(self.requests, adapters, config, self.cache, self.kv, self.in_use, strategy.name)
         self.link_free_s = 0.0  # when the host->GPU link finishes its queued copies
@@ -169,17 +169,18 @@ class Replica:
                 f"request {r} (prompt {int(s.req.prompt_tokens[r])}, output {int(s.req.output_tokens[r])} tokens) "
                 f"can never be admitted: KV cache {self.kv.capacity_blocks()} blocks of {self.kv.block_size} tokens"
             )
-        self.wake = env.event()
-        waits = [self.wake] if self.inflight else []
-        if np.isfinite(nxt):
-            waits.append(env.timeout(max(nxt - env.now, 0.0)))
         start = env.now
-        yield env.any_of(waits)
+        stalled = s.n_waiting > 0 and self.inflight > 0  # idle only because adapters are on their way
+        if self.inflight:  # a landing load may let a waiting request in before the next arrival
+            self.wake = env.event()
+            yield env.any_of([self.wake, env.timeout(nxt - start)] if np.isfinite(nxt) else [self.wake])
+            self.wake = None
+        else:
+            yield env.timeout(nxt - start)
+        if stalled:
+            self.load_stall_s += env.now - start
         if env.now >= nxt - 1e-9:  # woken for that arrival: take it even if float rounding fell short
             s.take_arrivals(nxt)
-        if s.n_waiting and self.inflight:  # idle only because adapters are still on their way
-            self.load_stall_s += env.now - start
-        self.wake = None
 
     def _iterations(self, step: Step, rows) -> tuple[int, float]:
         """How many identical decode iterations to apply at once, and their total duration."""
@@ -216,7 +217,7 @@ class Replica:
         self.env.process(self._process())
         self.env.run()
         s = self.sched
-        hit = 1.0 - s.missed.mean() if len(s.missed) else float("nan")
+        hit = 1.0 - s.misses / s.admissions if s.admissions else float("nan")
         return RunResult(
             strategy=self.strategy.name, requests=self.requests,
             first_token_s=s.first_token_s, finish_s=s.finish_s,

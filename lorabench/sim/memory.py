@@ -66,7 +66,10 @@ def plan_memory(strategy: Strategy, weights: int, device_bytes: int, utilization
     """
     budget = int(device_bytes * utilization) - weights
     slot = int(strategy.adapter_bytes.max())
-    fail = lambda why: MemoryPlan(budget, weights, 0, 0, 0, None, 0, False, why)  # noqa: E731
+
+    def fail(why: str) -> MemoryPlan:
+        return MemoryPlan(budget, weights, 0, 0, 0, None, 0, False, why)
+
     if budget <= 0:
         return fail(f"base weights ({weights / 2**30:.1f} GiB) do not fit in {utilization:.0%} of the device")
     if strategy.name == "single":
@@ -77,7 +80,8 @@ def plan_memory(strategy: Strategy, weights: int, device_bytes: int, utilization
         slots = max_loras if max_loras is not None else min(n_loras, max(1, matched_adapter_bytes // slot))
         need = slots * slot
         if need >= budget:
-            return fail(f"adapters do not fit: {slots} slots x {slot / 2**20:.1f} MiB exceed the {budget / 2**30:.1f} GiB budget")
+            return fail(f"adapters do not fit: {slots} slots x {slot / 2**20:.1f} MiB exceed the "
+                        f"{budget / 2**30:.1f} GiB budget")
         return MemoryPlan(budget, weights, 0, need, budget - need, slots, slots, False)
     # compressed
     shared = strategy.shared_bytes
@@ -105,6 +109,7 @@ class AdapterCache:
         n = len(strategy.adapter_bytes)
         self.resident = np.zeros(n, dtype=bool)
         self.loading = np.zeros(n, dtype=bool)  # resident but its copy has not landed yet
+        self.fresh = np.zeros(n, dtype=bool)  # copied in and not used by an admitted request yet
         self.host: OrderedDict[int, None] | None = None if host_slots is None else OrderedDict()
         self.host_slots = host_slots
         self.used = 0
@@ -138,6 +143,7 @@ class AdapterCache:
             return False
         self._place(a)
         self.loading[a] = True
+        self.fresh[a] = True
         return True
 
     def loaded(self, a: int) -> None:

@@ -40,6 +40,7 @@ class SchedulerConfig:
     max_distinct: int | None = None  # distinct adapters per batch (per-lora: max_loras)
     prefetch: bool = False  # loads are issued ahead for waiting requests (paged)
     scan_limit: int = 512  # waiting requests (FCFS) examined per admission pass
+    prefetch_ahead: int = 16  # prefetch for at least this many waiting requests (more when seats are free)
 
 
 class Scheduler:
@@ -53,8 +54,8 @@ class Scheduler:
         n = len(requests)
         self.first_token_s = np.full(n, np.nan)
         self.finish_s = np.full(n, np.nan)
-        self.missed = np.zeros(n, dtype=bool)  # its adapter was not resident when it was first examined
-        self.examined = np.zeros(n, dtype=bool)
+        self.admissions = 0
+        self.misses = 0  # admissions whose adapter was copied to the GPU for them
         self.preemptions = 0
         self.generated: dict[int, int] = {}  # tokens a preempted request had generated
         # Waiting requests: ids are in arrival order, so FCFS order is id order among those pending.
@@ -114,11 +115,17 @@ class Scheduler:
     # --- admission --------------------------------------------------------------------------
 
     def admit(self) -> list[int]:
-        """Move waiting requests into the batch. Adapters admitted without being resident (no-prefetch
-        strategies) are appended to `sync_loads`; returns the adapters worth prefetching."""
+        """Move waiting requests into the batch, FCFS. Adapters admitted without being resident
+        (no-prefetch strategies) are appended to `sync_loads` (the step waits for them).
+
+        Prefetch strategies return the adapters to copy now: those of the waiting requests that would
+        form the next batch (in FCFS order, with a seat and KV memory for them) but whose adapter is
+        absent. Their KV memory is counted as taken, so later requests do not overtake them and
+        prefetching never outruns the memory the batch can use."""
         cfg, cache = self.cfg, self.cache
         seats = cfg.max_num_seqs - self.num_running
-        if self.n_waiting == 0 or (seats == 0 and not cfg.prefetch):
+        next_seats = max(seats, cfg.prefetch_ahead) if cfg.prefetch else seats
+        if self.n_waiting == 0 or next_seats == 0:
             return []
         if self._seen[0] == self.epoch:
             if self._seen[1] == self.arrived or self._blocked:
@@ -128,47 +135,47 @@ class Scheduler:
             ids = self._window(cfg.scan_limit)
         self._seen = (self.epoch, self.arrived)
         ad = self.adapter_of[ids]
-        ready = cache.resident[ad] & ~cache.loading[ad]
-        fresh = ~self.examined[ids]
-        self.examined[ids[fresh]] = True
-        self.missed[ids[fresh]] = ~ready[fresh]
-        to_load = ad[~ready].tolist() if cfg.prefetch else []
-        if seats == 0:  # the batch is full: only prefetch for the next one
-            self._blocked = True
-            return to_load
-        candidate = ready if cfg.prefetch else ~cache.loading[ad]
-        capped = cfg.max_distinct is not None and self.distinct >= cfg.max_distinct
-        if capped:
-            candidate &= self.in_use[ad] > 0
+        if cfg.max_distinct is not None and self.distinct >= cfg.max_distinct:
+            keep = self.in_use[ad] > 0  # only requests on adapters already in the batch can join
+            ids, ad = ids[keep], ad[keep]
         budget = cfg.max_num_batched_tokens - (self.num_running - self.prefilling)
         if self.prefilling:
             budget -= int(self.state[:, PROMPT_LEFT].sum())
         blocked = len(ids) == cfg.scan_limit  # requests past the window wait for a change
         admitted: list[tuple] = []
+        to_load: list[int] = []
+        claimed = 0  # KV blocks of next-batch requests still waiting for their adapter
         no_room = False  # a synchronous load found every slot in use: later ones will too
-        for r, a in zip(ids[candidate].tolist(), ad[candidate].tolist()):
-            if seats == 0:
+        for r, a in zip(ids.tolist(), ad.tolist()):
+            if next_seats == 0:
                 blocked = True
                 break
             generated = self.generated.get(r, 0)  # a preempted request recomputes these too
             prompt = int(self.req.prompt_tokens[r]) + generated
             out_left = int(self.req.output_tokens[r]) - generated
-            if budget < (1 if cfg.chunked_prefill else prompt):
-                blocked = True
-                break
             new_adapter = self.in_use[a] == 0
             if new_adapter and cfg.max_distinct is not None and self.distinct >= cfg.max_distinct:
                 continue
             blocks = int(self.kv.blocks_for(prompt + out_left if cfg.kv_policy == "reserve" else prompt))
-            if cfg.prefetch and not cache.resident[a]:  # evicted for KV a moment ago (shared pool)
-                to_load.append(a)
+            ready = cache.resident[a] and not cache.loading[a]
+            if cfg.prefetch and not ready:  # a next-batch request: its adapter is copied meanwhile
+                if not self.kv.can_alloc(claimed + blocks):
+                    blocked = True
+                    break
+                claimed += blocks
+                next_seats -= 1
+                if not cache.loading[a]:
+                    to_load.append(a)
                 continue
+            if seats == 0 or budget < (1 if cfg.chunked_prefill else prompt):
+                blocked = True
+                break
             self.in_use[a] += 1  # pinned: finding KV memory must not evict this request's adapter
-            if not self.kv.can_alloc(blocks):
+            if not self.kv.can_alloc(claimed + blocks):
                 self.in_use[a] -= 1
                 blocked = True
                 break
-            if not cache.resident[a]:
+            if not ready:
                 if no_room or not cache.reserve(a):
                     self.in_use[a] -= 1
                     no_room = True
@@ -177,12 +184,17 @@ class Scheduler:
                 self.sync_loads.append(a)  # the engine charges its copy time to the next step
             self.kv.alloc(blocks)
             cache.touch(a)
+            self.admissions += 1
+            if cache.fresh[a]:  # the first request to use a copy made since the adapter's last use
+                cache.fresh[a] = False
+                self.misses += 1
             if new_adapter:
                 self.distinct += 1
             self.pending[r] = False
             admitted.append((r, a, 0, prompt, out_left, blocks))
             budget -= min(prompt, budget)
             seats -= 1
+            next_seats -= 1
         self._blocked = blocked
         if admitted:
             self.n_waiting -= len(admitted)
@@ -258,21 +270,29 @@ class Scheduler:
         if not self.prefilling:  # decode only: every row gets `iterations` tokens
             st[:, CTX] += iterations
             st[:, OUT_LEFT] -= iterations
+            return self._finish(end_s)
+        if not self.cfg.chunked_prefill:  # prefill rows read their whole prompt: every row emits a token
+            firsts = st[st[:, PROMPT_LEFT] > 0, RID]
+            st[:, CTX] += step.tokens
+            st[:, PROMPT_LEFT] = 0
+            st[:, OUT_LEFT] -= 1
         else:
-            if rows is not None:  # chunked prefill left some rows out: they do nothing this step
-                tokens = np.zeros(len(st), dtype=np.int64)
-                tokens[rows] = step.tokens
-            else:
-                tokens = step.tokens
+            tokens = np.zeros(len(st), dtype=np.int64)
+            tokens[rows if rows is not None else slice(None)] = step.tokens  # rows left out do nothing
             was_prefill = st[:, PROMPT_LEFT] > 0
             st[:, CTX] += tokens
             st[:, PROMPT_LEFT] -= np.where(was_prefill, tokens, 0)
             prefilled = was_prefill & (st[:, PROMPT_LEFT] == 0)  # read its prompt: emits a token
             st[:, OUT_LEFT] -= ((tokens > 0) & ~was_prefill) | prefilled
             firsts = st[prefilled, RID]
-            self.first_token_s[firsts[np.isnan(self.first_token_s[firsts])]] = end_s
-            self.prefilling -= int(prefilled.sum())
-            self.epoch += 1  # prefills done: token budget changed
+        self.first_token_s[firsts[np.isnan(self.first_token_s[firsts])]] = end_s  # not again after a preemption
+        self.prefilling -= len(firsts)
+        self.epoch += 1  # prefills done: the token budget changed
+        self._finish(end_s)
+
+    def _finish(self, end_s: float) -> None:
+        """Retire the requests that generated their last token."""
+        st = self.state
         done = st[:, OUT_LEFT] <= 0
         if not done.any():
             return

@@ -1,0 +1,1 @@
+"""The serving simulator: SimPy replica, scheduler, memory, executors and metrics."""
