@@ -212,7 +212,7 @@ class Experiment:
             result = replica.run()
         except SimulationStuck as err:
             raise StrategyUnavailable(f"cannot serve: {err}") from None
-        result.extra["device"] = getattr(executor, "device_label", None)  # measured: the real device and mode
+        result.device = getattr(executor, "device_label", None)
         return result
 
 
@@ -234,7 +234,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, progres
             row["status"] = str(why)
         else:
             row.update(summarize(result, slo))
-            row["device"] = result.extra.get("device")
+            row["device"] = result.device
             frames[name] = (requests_frame(result), steps_frame(result))
         finally:
             bar.close()
