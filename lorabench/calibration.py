@@ -188,12 +188,16 @@ def calibrate(points: list[ProfilePoint], shape: ModelShape, device: DeviceSpec,
               slots: int) -> tuple[DeviceSpec, Efficiency, dict[str, Efficiency], dict]:
     """Two stages: every point together fits the shared factors and the per-kernel fixed cost; then
     each strategy's points refit the efficiency factors from there (its kernels have their own)."""
+    measured_device = device
     shared, device, _ = fit_efficiency(points, shape, device, modules, compressed_rank, slots, fit_device=True)
     by_strategy, stats = {}, {}
     for strategy in dict.fromkeys(p.strategy for p in points):
         mine = [p for p in points if p.strategy == strategy]
         by_strategy[strategy], _, stats[strategy] = fit_efficiency(mine, shape, device, modules, compressed_rank, slots,
                                                                    start=shared)
+        # against the roofline's own factors on this device's measured ceilings
+        default = predict(mine, shape, measured_device, Efficiency(), modules, compressed_rank, slots)
+        stats[strategy]["median_abs_error_default"] = float(np.median(np.abs(default / [p.seconds for p in mine] - 1)))
     return device, shared, by_strategy, stats
 
 
