@@ -93,6 +93,7 @@ def make_executor(config, model: ModelShape, device: DeviceSpec, lora) -> "Measu
     )
     engine, residency = build_engine(setup, adapters, compressed, model=decoder)
     executor = MeasuredExecutor(engine, residency, seed=config.seed or 0)
+    executor.warm_up()
     _live.append(executor)
     return executor
 
@@ -158,6 +159,16 @@ class MeasuredExecutor:
         self.records.append(dict(batch_size=step.batch_size, tokens=step.num_tokens, prefill_tokens=step.prefill_tokens,
                                  distinct_adapters=step.distinct_adapters, mode=mode, seconds=seconds))
         return seconds
+
+    def warm_up(self) -> None:
+        """A prefill and a decode step, untimed and unrecorded: first-call costs (allocator growth,
+        library initialization) must not land on the first strategy's first steps."""
+        n = min(len(self.residency.bank), 4)
+        for tokens in ([16] * n, [1] * n):
+            self.engine.run(self.engine.prepare([SeqWork(-2 - i, [0] * t, self.residency.index(i))
+                                                 for i, t in enumerate(tokens)]))
+        for i in range(n):
+            self.engine.release(-2 - i)
 
     def _timed(self, fn) -> float:
         if self.device.type == "cuda":
