@@ -64,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-loras", type=int, help="per-lora GPU adapter slots (default: matched memory with compressed)")
     p.add_argument("--max-cpu-loras", type=int, help="per-lora host-memory adapter cache (default: all)")
+    p.add_argument("--packed-adapters", action="store_true",
+                   help="adapters in one contiguous host buffer each: one copy per load instead of one per tensor")
     p.add_argument("--ttft-slo-ms", type=float, default=2000.0)
     p.add_argument("--tpot-slo-ms", type=float, default=100.0)
     p.add_argument("--out", type=Path, help="run folder (default results/<timestamp>-<workload>-<n>)")
@@ -80,6 +82,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         cuda_graphs=not args.eager, gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, chunked_prefill=args.chunked_prefill,
         kv_policy=args.kv_policy, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+        packed_adapters=args.packed_adapters,
         ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
     )
 

@@ -70,6 +70,7 @@ class RunConfig:
     max_loras: int | None = None  # per-lora GPU slots = distinct adapters per batch (None: matched memory)
     max_cpu_loras: int | None = None  # host-memory adapter cache (None: all adapters in host memory)
     storage_bandwidth: float = 2e9  # bytes/s reading an adapter missing from the host cache
+    packed_adapters: bool = False  # one host buffer per adapter: a load is one copy, not one per tensor
     ttft_slo_ms: float = 2000.0
     tpot_slo_ms: float = 100.0
 
@@ -179,7 +180,8 @@ class Experiment:
 
     def strategy(self, name: str) -> Strategy:
         ad = self.workload.adapters
-        return build_strategy(name, self.model, self.ranks, ad.target_modules, ad.compressed_rank, ad.clusters)
+        return build_strategy(name, self.model, self.ranks, ad.target_modules, ad.compressed_rank, ad.clusters,
+                              packed=self.config.packed_adapters)
 
     def plan(self, strategy: Strategy) -> MemoryPlan:
         """The strategy's share of the fair budget; per-lora slots default to the compressed

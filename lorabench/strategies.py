@@ -62,11 +62,13 @@ class Strategy:
 
 def build_strategy(
     name: str, model: ModelShape, ranks: np.ndarray, target_modules: tuple[str, ...],
-    compressed_rank: int, clusters: int, dtype_bytes: int = 2,
+    compressed_rank: int, clusters: int, dtype_bytes: int = 2, packed: bool = False,
 ) -> Strategy:
-    """The strategy `name` for adapters of the given ranks (one per adapter) on `target_modules`."""
+    """The strategy `name` for adapters of the given ranks (one per adapter) on `target_modules`.
+    `packed`: each adapter sits in one contiguous host buffer, so a load is one copy instead of one
+    per tensor (serving engines copy tensor by tensor)."""
     shapes = [model.module_shape(m) for m in target_modules]
-    tensors = 2 * len(target_modules) * model.layers  # A and B of every module of every layer
+    tensors = 1 if packed else 2 * len(target_modules) * model.layers  # A and B of every module and layer
     # Bytes of a rank-1 slice of one adapter over all its modules and layers: A row + B column.
     rank1 = model.layers * sum(d_in + d_out for d_in, d_out in shapes) * dtype_bytes
     exact = ranks.astype(np.int64) * rank1

@@ -128,7 +128,8 @@ class Replica:
 
     # --- the replica process ----------------------------------------------------------------
 
-    def _note_memory(self) -> float:
+    def _note_memory(self) -> int:
+        """Record peaks; returns the bytes in use now (weights + KV + adapters)."""
         kv, adapters = self.kv.used, self.cache.used + self.plan.shared_bytes
         total = self.plan.weights + kv + adapters
         peak = self.peak

@@ -158,13 +158,13 @@ class Scheduler:
                 continue
             blocks = int(self.kv.blocks_for(prompt + out_left if cfg.kv_policy == "reserve" else prompt))
             ready = cache.resident[a] and not cache.loading[a]
-            if cfg.prefetch and not ready:  # a next-batch request: its adapter is copied meanwhile
+            if cfg.prefetch and (not ready or seats == 0):  # joins a later batch; its adapter is copied meanwhile
                 if not self.kv.can_alloc(claimed + blocks):
                     blocked = True
                     break
                 claimed += blocks
                 next_seats -= 1
-                if not cache.loading[a]:
+                if not ready and not cache.loading[a]:
                     to_load.append(a)
                 continue
             if seats == 0 or budget < (1 if cfg.chunked_prefill else prompt):
