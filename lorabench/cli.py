@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "adapters": ("lorabench.adapters.cli", "synthesize a PEFT adapter collection (synth) or check one (info)"),
     "compress": ("lorabench.compress.cli", "jointly compress an adapter collection (full, diagonal, svd; clusters)"),
     "run": ("lorabench.run", "serve a workload with every strategy and compare it with single-LoRA serving"),
+    "profile": ("lorabench.profile", "measure the real decoder's step times on this device and calibrate the cost model"),
+    "validate": ("lorabench.validate", "run measured and modeled executors on one request stream; print their relative errors"),
 }
 
 
