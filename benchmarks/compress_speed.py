@@ -48,6 +48,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--shared", type=float, default=0.75, help="fraction of each rank in its cluster's subspace")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--tol", type=float, default=CompressConfig.tol, help="stopping tolerance (default: the CLI's)")
     p.add_argument("--json", default=None, help="append the figure to this JSON file (a list of runs)")
     args = p.parse_args()
     t0 = time.perf_counter()
@@ -58,7 +59,7 @@ def main() -> int:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        fit = compress_module(stack, CompressConfig(rank=args.R, method="full"))
+        fit = compress_module(stack, CompressConfig(rank=args.R, method="full", tol=args.tol))
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -68,6 +69,7 @@ def main() -> int:
         "seconds": min(times),
         "seconds_all": times,
         "iterations": fit.iterations,
+        "tol": args.tol,
         "mean_error": float(fit.errors.mean()),
         "max_error": float(fit.errors.max()),
         "dtype": "float32",

@@ -40,7 +40,8 @@ def kernel_specs(dtypes=tuple(DTYPES), block_ms=(16, 32, 64), ranks=(16, 128)):
                 yield (sgmv._sgmv_shrink_kernel, dict(x_ptr=dt, a_ptr=dt, h_ptr="fp32"), *shrink)
                 yield (sgmv._sgmv_expand_kernel, dict(h_ptr="fp32", b_ptr=dt, scales_ptr="fp32", y_ptr=dt), *expand)
                 yield (paged._paged_shrink_kernel, dict(x_ptr=dt, pool_ptr=dt, h_ptr="fp32"), *shrink)
-                yield (paged._paged_expand_kernel, dict(h_ptr="fp32", pool_ptr=dt, scales_ptr="fp32", y_ptr=dt), *expand)
+                yield (paged._paged_expand_kernel, dict(h_ptr="fp32", pool_ptr=dt, scales_ptr="fp32", y_ptr=dt),
+                       *expand)
                 yield (single._single_shrink_kernel, dict(x_ptr=dt, a_ptr=dt, h_ptr="fp32"), *shrink)
                 yield (single._single_expand_kernel, dict(h_ptr="fp32", b_ptr=dt, y_ptr=dt), *expand)
                 for diagonal in (False, True):
@@ -73,8 +74,8 @@ def compile_all(arch: int = 90, **subset) -> list[dict]:
         options = launch_options(*tiles)
         kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
                                 options=options)
-        rows.append(dict(kernel=fn.__name__, dtype=_dtype(pointers),
-                         num_warps=options["num_warps"], **{k: v for k, v in constexprs.items() if k != "DOT_PRECISION"},
+        sizes = {k: v for k, v in constexprs.items() if k != "DOT_PRECISION"}
+        rows.append(dict(kernel=fn.__name__, dtype=_dtype(pointers), num_warps=options["num_warps"], **sizes,
                          **_resources(kernel.asm["cubin"])))
     return rows
 

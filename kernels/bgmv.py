@@ -33,7 +33,7 @@ def _bgmv_shrink_kernel(
     split = tl.program_id(1)
     slot = tl.load(ids_ptr + token).to(tl.int64)
     offs_r = tl.arange(0, R_PAD)
-    r_mask = offs_r < rank
+    r_mask = offs_r < tl.where(slot >= 0, rank, 0)  # a static batch lists tokens without adapter too
 
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, d_in)
@@ -67,7 +67,7 @@ def _bgmv_expand_kernel(
     pid_n = tl.program_id(1)
     slot = tl.load(ids_ptr + token).to(tl.int64)
     offs_r = tl.arange(0, R_PAD)
-    r_mask = offs_r < rank
+    r_mask = offs_r < tl.where(slot >= 0, rank, 0)  # a static batch lists tokens without adapter too
 
     h = tl.zeros((R_PAD,), dtype=tl.float32)
     for s in range(num_splits):
@@ -83,8 +83,9 @@ def _bgmv_expand_kernel(
     delta = tl.sum(b.to(tl.float32) * h[None, :], axis=1)
 
     y_ptrs = y_ptr + token * stride_ym + offs_n * stride_yn
-    y = tl.load(y_ptrs, mask=n_mask, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=n_mask)
+    y_mask = offs_n < tl.where(slot >= 0, d_out, 0)
+    y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=y_mask)
 
 
 def bgmv_lora(

@@ -48,11 +48,12 @@ def _compressed_mix_kernel(
     cluster k = cluster_of[i]); columns of g past `width` (up to g_width) are written as zeros.
     A full S_i is read once per tile, R_CHUNK output columns at a time (bounds the registers)."""
     tile = tl.program_id(0)
-    adapter, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tile, BLOCK_M)
+    adapter, rows, m_mask, live = load_tile(tiles_ptr, sorted_ptr, tile, BLOCK_M)
     cluster = tl.load(cluster_ptr + adapter).to(tl.int64)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < width
     mask = m_mask[:, None] & r_mask[None, :]
+    s_mask = offs_r < tl.where(live, width, 0)  # no S_i for a padding tile
 
     h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)  # h may be exactly `width` wide: mask its columns
     for split in range(num_splits):
@@ -60,7 +61,7 @@ def _compressed_mix_kernel(
         h += tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
     g_rows = g_ptr + cluster * stride_gk + rows[:, None] * stride_gm
     if DIAGONAL:
-        s = tl.load(s_ptr + adapter * stride_sn + offs_r * stride_sr, mask=r_mask, other=0.0)
+        s = tl.load(s_ptr + adapter * stride_sn + offs_r * stride_sr, mask=s_mask, other=0.0)
         g = h * s.to(tl.float32)[None, :]
         g_mask = m_mask[:, None] & (offs_r < g_width)[None, :]
         tl.store(g_rows + offs_r[None, :], g.to(g_ptr.dtype.element_ty), mask=g_mask)
@@ -70,7 +71,7 @@ def _compressed_mix_kernel(
             offs_c = c + tl.arange(0, R_CHUNK)
             s_t = tl.load(  # (R_PAD, R_CHUNK) = S_i[c-block, :]^T
                 s_ptr + adapter * stride_sn + offs_c[None, :] * stride_sr + offs_r[:, None] * stride_sc,
-                mask=(offs_c < width)[None, :] & r_mask[:, None], other=0.0,
+                mask=(offs_c < width)[None, :] & s_mask[:, None], other=0.0,
             )
             g = tl.dot(h, s_t, input_precision=DOT_PRECISION)
             g_mask = m_mask[:, None] & (offs_c < g_width)[None, :]
@@ -118,7 +119,7 @@ def compressed_lora(
         for k in range(k_clusters):
             torch.mm(x, V[k], out=h[k, 0])
     # Rows no tile writes (other clusters, tokens without adapter) must add nothing in step 3.
-    if k_clusters > 1 or batch.num_adapter_tokens < m:
+    if k_clusters > 1 or not batch.all_adapted:
         g.zero_()
 
     diagonal, r_pad = S.dim() == 2, pad_rank(width)

@@ -42,9 +42,17 @@ class LoraBatch:
     tiles:          (num_tiles, 3) int32, one row per tile of block_m tokens of one segment:
                     (adapter, first, end) with sorted_tokens[first:end] the tile's tokens.
     num_tiles:      rows of `tiles` (a Python int: the grid of the segmented kernels).
+    static:         shapes and launch sizes depend on M alone (see `build`), for CUDA graphs.
 
     Everything a kernel launch needs is computed here, once per batch, so the per-layer calls do
     no host work that reads the device and can be captured in a CUDA graph.
+
+    A captured graph keeps the grid sizes and tensor addresses of its capture. To replay it for
+    another batch of the same size, build that batch with static=True and `copy_` it into the
+    batch the graph was captured with: a static batch always has M tiles (the real ones first,
+    then empty ones, which the kernels skip) and M sorted tokens (those with an adapter sorted
+    by adapter, then those without, which the per-token kernels skip), and block_m 16 unless
+    given.
     """
 
     token_adapters: torch.Tensor
@@ -56,6 +64,7 @@ class LoraBatch:
     block_m: int = MIN_BLOCK_M
     tiles: torch.Tensor | None = None
     num_tiles: int = 0
+    static: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -67,12 +76,20 @@ class LoraBatch:
 
     @property
     def num_adapter_tokens(self) -> int:
-        """Tokens that have an adapter (the others are left untouched)."""
+        """Rows of sorted_tokens: the tokens that have an adapter (all tokens if static)."""
         return self.sorted_tokens.numel()
 
+    @property
+    def all_adapted(self) -> bool:
+        """Every token has an adapter (never assumed of a static batch: a later copy_ may differ)."""
+        return not self.static and self.num_adapter_tokens == self.num_tokens
+
     @classmethod
-    def build(cls, token_adapters: torch.Tensor | list[int], block_m: int | None = None) -> "LoraBatch":
-        """Sort a batch's tokens into segments; `block_m` forces the tile height (tests)."""
+    def build(
+        cls, token_adapters: torch.Tensor | list[int], block_m: int | None = None, static: bool = False
+    ) -> "LoraBatch":
+        """Sort a batch's tokens into segments; `block_m` forces the tile height (tests), `static`
+        makes every shape and launch size a function of the number of tokens (CUDA graphs)."""
         ids = torch.as_tensor(token_adapters, dtype=torch.int32)
         if ids.dim() != 1:
             raise ValueError(f"token_adapters must be 1-D (one id per token), got shape {tuple(ids.shape)}")
@@ -89,8 +106,16 @@ class LoraBatch:
         seg_starts = torch.zeros(seg_adapters.numel() + 1, dtype=torch.int32, device=device)
         seg_starts[1:] = torch.cumsum(counts, 0)
         seg_adapters = seg_adapters.to(torch.int32)
-        block_m = block_m or choose_block_m(sorted_tokens.numel(), seg_adapters.numel())
-        tiles = _segment_tiles(seg_starts.cpu(), seg_adapters.cpu(), block_m).to(device)
+        if static:
+            block_m = block_m or MIN_BLOCK_M
+        else:
+            block_m = block_m or choose_block_m(sorted_tokens.numel(), seg_adapters.numel())
+        tiles = _segment_tiles(seg_starts.cpu(), seg_adapters.cpu(), block_m)
+        if static:  # pad to M tiles (a tile holds one token or more) and M tokens
+            tiles = torch.cat([tiles, torch.zeros(ids.numel() - tiles.shape[0], 3, dtype=torch.int32)])
+            without = torch.nonzero(ids < 0).flatten().to(torch.int32)
+            sorted_tokens = torch.cat([sorted_tokens, without])
+        tiles = tiles.to(device)
         return cls(
             token_adapters=ids,
             sorted_tokens=sorted_tokens,
@@ -101,7 +126,29 @@ class LoraBatch:
             block_m=block_m,
             tiles=tiles,
             num_tiles=tiles.shape[0],
+            static=static,
         )
+
+    def copy_(self, other: "LoraBatch") -> "LoraBatch":
+        """Take `other`'s tokens into this static batch's tensors in place (for a graph replay).
+
+        Both must be static, of the same size and block_m. The tensors the kernels read are
+        overwritten in place (a captured graph reads them at their addresses); the segment fields
+        and Python ints, which no graph reads, are replaced. Adapter ids are not checked against
+        the slots here: the graph replays without the wrappers' checks.
+        """
+        if not (self.static and other.static):
+            raise ValueError("copy_ needs two static batches: LoraBatch.build(ids, static=True)")
+        if (self.num_tokens, self.block_m) != (other.num_tokens, other.block_m):
+            raise ValueError(
+                f"copy_ needs batches of one size and block_m: {self.num_tokens} tokens, block_m {self.block_m}"
+                f" vs {other.num_tokens}, {other.block_m}"
+            )
+        for name in ("token_adapters", "sorted_tokens", "tiles"):
+            getattr(self, name).copy_(getattr(other, name), non_blocking=True)
+        for name in ("seg_starts", "seg_adapters", "max_seg_len", "max_adapter"):
+            object.__setattr__(self, name, getattr(other, name))
+        return self
 
     def to(self, device: torch.device | str) -> "LoraBatch":
         return LoraBatch(
@@ -114,6 +161,7 @@ class LoraBatch:
             self.block_m,
             None if self.tiles is None else self.tiles.to(device),
             self.num_tiles,
+            self.static,
         )
 
 

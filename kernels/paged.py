@@ -38,9 +38,9 @@ def _paged_shrink_kernel(
 ):
     """h[split, t, :] = partial sum over this split's slice of d_in of A_i x[t], for a tile's tokens."""
     split = tl.program_id(1)
-    adapter, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tl.program_id(0), BLOCK_M)
+    adapter, rows, m_mask, live = load_tile(tiles_ptr, sorted_ptr, tl.program_id(0), BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
-    r_mask = offs_r < tl.load(ranks_ptr + adapter)
+    r_mask = offs_r < tl.where(live, tl.load(ranks_ptr + adapter), 0)
     pages = tl.load(a_pages_ptr + adapter * stride_table + offs_r, mask=r_mask, other=0).to(tl.int64)
     k_lo = split * k_per_split
     acc = shrink_rows(  # row j of A_i is page pages[j]
@@ -62,9 +62,9 @@ def _paged_expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """y[t, n-block] += scales[i] * (sum over splits of h[:, t]) B_i[n-block, :]^T."""
-    adapter, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tl.program_id(0), BLOCK_M)
+    adapter, rows, m_mask, live = load_tile(tiles_ptr, sorted_ptr, tl.program_id(0), BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
-    r_mask = offs_r < tl.load(ranks_ptr + adapter)
+    r_mask = offs_r < tl.where(live, tl.load(ranks_ptr + adapter), 0)
     pages = tl.load(b_pages_ptr + adapter * stride_table + offs_r, mask=r_mask, other=0).to(tl.int64)
     h = sum_partials(h_ptr, rows, m_mask, num_splits, stride_hs, stride_hm, BLOCK_M, R_PAD)
     h = h * tl.load(scales_ptr + adapter).to(tl.float32)

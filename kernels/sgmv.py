@@ -35,12 +35,12 @@ def _sgmv_shrink_kernel(
 ):
     """h[split, t, :] = partial sum over this split's slice of d_in of A[slot] x[t], for a tile's tokens."""
     split = tl.program_id(1)
-    slot, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tl.program_id(0), BLOCK_M)
+    slot, rows, m_mask, live = load_tile(tiles_ptr, sorted_ptr, tl.program_id(0), BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     a_rows = a_ptr + slot * stride_as + offs_r * stride_ar
     k_lo = split * k_per_split
     acc = shrink_rows(
-        x_ptr, rows, m_mask, stride_xm, stride_xk, a_rows, offs_r < rank, stride_ak,
+        x_ptr, rows, m_mask, stride_xm, stride_xk, a_rows, offs_r < tl.where(live, rank, 0), stride_ak,
         k_lo, tl.minimum(k_lo + k_per_split, d_in), BLOCK_M, BLOCK_K, R_PAD, DOT_PRECISION,
     )
     tl.store(h_ptr + split * stride_hs + rows[:, None] * stride_hm + offs_r[None, :], acc, mask=m_mask[:, None])
@@ -58,14 +58,14 @@ def _sgmv_expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """y[t, n-block] += scales[slot] * (sum over splits of h[:, t]) B[slot, n-block, :]^T."""
-    slot, rows, m_mask = load_tile(tiles_ptr, sorted_ptr, tl.program_id(0), BLOCK_M)
+    slot, rows, m_mask, live = load_tile(tiles_ptr, sorted_ptr, tl.program_id(0), BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     h = sum_partials(h_ptr, rows, m_mask, num_splits, stride_hs, stride_hm, BLOCK_M, R_PAD)
     h = h * tl.load(scales_ptr + slot).to(tl.float32)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < d_out
     b_cols = b_ptr + slot * stride_bs + offs_r * stride_br
-    delta = expand_rows(h, b_cols, offs_r < rank, offs_n, n_mask, stride_bn, DOT_PRECISION)
+    delta = expand_rows(h, b_cols, offs_r < tl.where(live, rank, 0), offs_n, n_mask, stride_bn, DOT_PRECISION)
     add_into(y_ptr, rows, m_mask, offs_n, n_mask, delta, stride_ym, stride_yn)
 
 

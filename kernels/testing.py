@@ -91,8 +91,8 @@ def _activations(m, d_in, d_out, dtype, device, gen):
     return _randn((m, d_in), 1.0, dtype, device, gen), _randn((m, d_out), 1.0, dtype, device, gen)
 
 
-def _batch(ids, device, block_m) -> LoraBatch:
-    return LoraBatch.build(torch.as_tensor(ids, dtype=torch.int32).to(device), block_m=block_m)
+def _batch(ids, device, block_m, static=False) -> LoraBatch:
+    return LoraBatch.build(torch.as_tensor(ids, dtype=torch.int32).to(device), block_m=block_m, static=static)
 
 
 def single_problem(m, d_in, d_out, r, dtype, device, gen) -> Problem:
@@ -103,15 +103,17 @@ def single_problem(m, d_in, d_out, r, dtype, device, gen) -> Problem:
     return Problem("single", dict(x=x, y=y, A=A, B=B, scale=scale), None)
 
 
-def per_lora_problem(ids, slots, d_in, d_out, r, dtype, device, gen, block_m=None) -> Problem:
+def per_lora_problem(ids, slots, d_in, d_out, r, dtype, device, gen, block_m=None, static=False) -> Problem:
     x, y = _activations(len(ids), d_in, d_out, dtype, device, gen)
     A = _randn((slots, r, d_in), d_in**-0.5, dtype, device, gen)
     B = _randn((slots, d_out, r), r**-0.5, dtype, device, gen)
     scales = (0.5 + torch.rand(slots, generator=gen, dtype=torch.float64)).float().to(device)
-    return Problem("per_lora", dict(x=x, y=y, A=A, B=B, scales=scales), _batch(ids, device, block_m))
+    return Problem("per_lora", dict(x=x, y=y, A=A, B=B, scales=scales), _batch(ids, device, block_m, static))
 
 
-def paged_problem(ids, ranks, d_in, d_out, page_size, dtype, device, gen, block_m=None, spare_pages=7) -> Problem:
+def paged_problem(
+    ids, ranks, d_in, d_out, page_size, dtype, device, gen, block_m=None, static=False, spare_pages=7
+) -> Problem:
     """Adapters of `ranks` scattered over a pool with `spare_pages` other (KV-cache) pages mixed in.
 
     Table entries past an adapter's rank hold -1: the kernels must not read them.
@@ -135,16 +137,19 @@ def paged_problem(ids, ranks, d_in, d_out, page_size, dtype, device, gen, block_
         ranks=torch.tensor(ranks, dtype=torch.int32, device=device),
         scales=(0.5 + torch.rand(n, generator=gen, dtype=torch.float64)).float().to(device),
     )
-    return Problem("paged", inputs, _batch(ids, device, block_m))
+    return Problem("paged", inputs, _batch(ids, device, block_m, static))
 
 
-def compressed_problem(ids, n, clusters, width, diagonal, d_in, d_out, dtype, device, gen, block_m=None) -> Problem:
+def compressed_problem(
+    ids, n, clusters, width, diagonal, d_in, d_out, dtype, device, gen, block_m=None, static=False
+) -> Problem:
     x, y = _activations(len(ids), d_in, d_out, dtype, device, gen)
     U = _randn((clusters, d_out, width), width**-0.5, dtype, device, gen)
     V = _randn((clusters, d_in, width), d_in**-0.5, dtype, device, gen)
     S = _randn((n, width) if diagonal else (n, width, width), 1.0 if diagonal else width**-0.5, dtype, device, gen)
     cluster_of = torch.randint(0, clusters, (n,), generator=gen, dtype=torch.int32).to(device)
-    return Problem("compressed", dict(x=x, y=y, U=U, V=V, S=S, cluster_of=cluster_of), _batch(ids, device, block_m))
+    inputs = dict(x=x, y=y, U=U, V=V, S=S, cluster_of=cluster_of)
+    return Problem("compressed", inputs, _batch(ids, device, block_m, static))
 
 
 def workspace_poisoned(numel: int, dtype: torch.dtype, device) -> torch.Tensor:

@@ -9,15 +9,16 @@ import triton.language as tl
 
 @triton.jit
 def load_tile(tiles_ptr, sorted_ptr, tile, BLOCK_M: tl.constexpr):
-    """(adapter, rows, row_mask) of tile `tile` of LoraBatch.tiles: its adapter and the batch rows
-    of its tokens (BLOCK_M lanes, row_mask off past the tile's end)."""
+    """(adapter, rows, row_mask, live) of tile `tile` of LoraBatch.tiles: its adapter, the batch
+    rows of its tokens (BLOCK_M lanes, row_mask off past the tile's end), and whether it holds any
+    token (a static batch's padding tiles do not: kernels then take rank 0, loading no weights)."""
     adapter = tl.load(tiles_ptr + tile * 3).to(tl.int64)
     first = tl.load(tiles_ptr + tile * 3 + 1)
     end = tl.load(tiles_ptr + tile * 3 + 2)
     offs = first + tl.arange(0, BLOCK_M)
     row_mask = offs < end
     rows = tl.load(sorted_ptr + offs, mask=row_mask, other=0).to(tl.int64)
-    return adapter, rows, row_mask
+    return adapter, rows, row_mask, end > first
 
 
 @triton.jit

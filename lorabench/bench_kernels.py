@@ -17,8 +17,10 @@ against the float64 reference.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -71,6 +73,10 @@ def main(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available()
     if args.device_check and not cuda:
         raise LorabenchError("--device-check needs a CUDA GPU (none is visible)")
+    if args.d < 16:
+        raise LorabenchError(f"--d must be at least 16, got {args.d}")
+    if args.threads is not None and args.threads < 1:
+        raise LorabenchError(f"--threads must be >= 1, got {args.threads}")
     config = BenchConfig(
         device="cuda" if cuda else "cpu",
         dtype=torch.bfloat16 if cuda else torch.float32,
@@ -80,11 +86,7 @@ def main(args: argparse.Namespace) -> int:
         d_out=args.d,
         seed=args.seed,
     )
-    if args.d < 16:
-        raise LorabenchError(f"--d must be at least 16, got {args.d}")
     if args.threads is not None:
-        if args.threads < 1:
-            raise LorabenchError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     if args.device_check:
@@ -126,6 +128,7 @@ def run_grid(config: BenchConfig) -> pd.DataFrame:
     weights = None
     for m, n in tqdm(points, desc="bench-kernels", unit="point"):
         if weights is None or weights.n != n:
+            weights = None  # free the last set first
             weights = LayerWeights.make(config, n, gen)  # one set per N, shared by every M
         ids = testing.zipf_ids(m, n, config.alpha, gen)
         batch = LoraBatch.build(ids.to(config.device))
@@ -134,12 +137,18 @@ def run_grid(config: BenchConfig) -> pd.DataFrame:
         x = torch.randn(m, config.d_in, dtype=config.dtype, device=config.device)
         y = torch.randn(m, config.d_out, dtype=config.dtype, device=config.device)
         for name, call, nbytes in strategies(config, weights, batch, x, y, distinct):
-            for mode, seconds in time_call(call, config.device).items():
+            try:
+                times, error = time_call(call, config.device), ""
+            except Exception as err:  # noqa: BLE001 - one failing strategy must not lose the rest of a GPU run
+                tqdm.write(f"bench-kernels: {name} at M={m}, N={n} failed: {err}", file=sys.stderr)
+                modes = ("eager", "graph") if config.device == "cuda" else ("cpu",)
+                times, error = dict.fromkeys(modes, math.nan), str(err)
+            for mode, seconds in times.items():
                 rows.append(dict(
                     dtype=str(config.dtype).removeprefix("torch."), M=m, N=n, distinct=distinct,
                     unique_adapter_mb=adapter_bytes / 1e6, floor_us=adapter_bytes / copy_bw * 1e6,
                     strategy=name, mode=mode, median_us=seconds * 1e6,
-                    bw_fraction=nbytes / seconds / copy_bw, copy_gbps=copy_bw / 1e9,
+                    bw_fraction=nbytes / seconds / copy_bw, copy_gbps=copy_bw / 1e9, error=error[:200],
                 ))
     return pd.DataFrame(rows)
 
@@ -308,10 +317,13 @@ def device_check(
             }
             for op, (fn, p) in problems.items():
                 extra = {} if p.batch is None else {"batch": p.batch}
-                got = fn(**p.fresh_y(), **extra)
-                err = testing.max_error(got.cpu(), p.expected())
+                try:
+                    got = fn(**p.fresh_y(), **extra)
+                    err, failure = testing.max_error(got.cpu(), p.expected()), ""
+                except Exception as exc:  # noqa: BLE001 - report every kernel's failure, not the first
+                    err, failure = math.inf, str(exc)[:200]
                 rows.append(dict(op=op, dtype=str(dtype).removeprefix("torch."), shape=shape, error_vs_tolerance=err,
-                                 ok=err <= 1.0))
+                                 ok=err <= 1.0, failure=failure))
     return pd.DataFrame(rows)
 
 

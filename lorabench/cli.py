@@ -14,10 +14,12 @@ from lorabench.errors import LorabenchError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "bench-kernels": ("lorabench.bench_kernels", "time every strategy's LoRA kernels over a grid of batch sizes and adapter counts"),
+    "bench-kernels": ("lorabench.bench_kernels", "time every strategy's LoRA kernels over batch sizes x adapters"),
     "adapters": ("lorabench.adapters.cli", "synthesize a PEFT adapter collection (synth) or check one (info)"),
     "compress": ("lorabench.compress.cli", "jointly compress an adapter collection (full, diagonal, svd; clusters)"),
     "run": ("lorabench.run", "serve a workload with every strategy and compare it with single-LoRA serving"),
+    "profile": ("lorabench.profile", "measure the real decoder's step times on this device and calibrate the cost model"),
+    "validate": ("lorabench.validate", "run measured and modeled executors on one request stream; print their relative errors"),
     "sweep": ("lorabench.sweep", "run every strategy over a grid of adapter counts (resumable) -> DIR/sweep.csv"),
     "plot": ("lorabench.plots", "comparison charts (PNG + SVG) of a sweep folder or of compress outputs"),
     "report": ("lorabench.report", "a Markdown page with the table and charts of a sweep folder"),

@@ -41,8 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(single always runs: it is the baseline)")
     p.add_argument("--model", default="mistral-7b", choices=sorted(MODELS))
     p.add_argument("--device", default="h200", choices=sorted(DEVICES))
-    p.add_argument("--executor", default="modeled", choices=sorted(EXECUTORS))
-    p.add_argument("--profile", help="profile JSON replacing device figures and cost-model efficiencies")
+    p.add_argument("--executor", choices=sorted(EXECUTORS),
+                   help="measured (the real decoder and kernels, timed; the default when CUDA is present) or modeled")
+    p.add_argument("--adapters", help="measured: a PEFT adapter collection folder (default: random weights)")
+    p.add_argument("--compressed", help="measured: a collection from `lorabench compress` for the compressed strategy")
+    p.add_argument("--torch-device", help="measured: torch device to run on (default: cuda if present, else cpu)")
+    p.add_argument("--eager", action="store_true", help="measured: no CUDA graphs for decode steps")
+    p.add_argument("--profile", help="profile JSON replacing device figures and cost-model efficiencies (default: "
+                   "results/profiles/<device>-<model>.json when it exists)")
     p.add_argument("--requests", type=int, help="number of requests (overrides the workload)")
     p.add_argument("--rate", type=float, help="arrival rate, requests/s (overrides the workload)")
     p.add_argument("--duration", type=float, help="stop arrivals after this many seconds")
@@ -70,13 +76,30 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         workload=args.workload, n_loras=args.n_loras, rate=args.rate, requests=args.requests,
         duration=args.duration, seed=args.seed, alpha=args.alpha, ranks=args.rank,
-        strategies=parse_strategies(args.strategy), model=args.model, device=args.device, executor=args.executor,
-        profile=args.profile, gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+        strategies=parse_strategies(args.strategy), model=args.model, device=args.device,
+        executor=args.executor or default_executor(), profile=args.profile or found_profile(args),
+        adapters=args.adapters, compressed=args.compressed, torch_device=args.torch_device,
+        cuda_graphs=not args.eager, gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, chunked_prefill=args.chunked_prefill,
         kv_policy=args.kv_policy, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
         packed_adapters=args.packed_adapters,
         ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
     )
+
+
+def found_profile(args: argparse.Namespace) -> str | None:
+    """Without --profile, the measured profile of the run's device and model, if one exists."""
+    from lorabench.calibration import find_profile
+
+    found = find_profile(args.device, args.model)
+    return None if found is None else str(found)
+
+
+def default_executor() -> str:
+    """measured where CUDA is present, modeled elsewhere."""
+    import torch
+
+    return "measured" if torch.cuda.is_available() else "modeled"
 
 
 def main(args: argparse.Namespace) -> int:

@@ -57,6 +57,10 @@ class RunConfig:
     device: str = "h200"
     executor: str = "modeled"  # or "measured"
     profile: str | None = None  # JSON replacing device figures / cost-model efficiencies
+    adapters: str | None = None  # measured: a PEFT adapter collection (else random weights of the ranks)
+    compressed: str | None = None  # measured: a collection from `lorabench compress` for the compressed strategy
+    torch_device: str | None = None  # measured: where it runs (None: cuda when present, else cpu)
+    cuda_graphs: bool = True  # measured: replay decode steps as CUDA graphs (on CUDA)
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -207,9 +211,11 @@ class Experiment:
                           kv_bytes_per_token(self.model.layers, self.model.kv_dim), cfg.max_cpu_loras,
                           cfg.storage_bandwidth, progress=progress)
         try:
-            return replica.run()
+            result = replica.run()
         except SimulationStuck as err:
             raise StrategyUnavailable(f"cannot serve: {err}") from None
+        result.device = getattr(executor, "device_label", None)
+        return result
 
 
 def run_experiment(config: RunConfig, out_dir: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
@@ -230,6 +236,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, progres
             row["status"] = str(why)
         else:
             row.update(summarize(result, slo))
+            row["device"] = result.device
             frames[name] = (requests_frame(result), steps_frame(result))
         finally:
             bar.close()
@@ -246,7 +253,8 @@ def _summary_frame(rows, config, workload, device, model, n_requests) -> pd.Data
         if col not in df:
             df[col] = np.nan
     df["n_loras"] = workload.n_loras
-    df["device"], df["model"], df["workload"] = device.name, model.name, workload.name
+    df["device"] = [d if isinstance(d, str) else device.name for d in df["device"]]  # measured: its own label
+    df["model"], df["workload"] = model.name, workload.name
     df["executor"], df["requests"] = config.executor, n_requests
     base = df.loc[df["strategy"] == "single", "output_throughput"]
     df["throughput_vs_single"] = df["output_throughput"] / float(base.iloc[0]) if len(base) else np.nan

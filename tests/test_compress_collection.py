@@ -46,10 +46,10 @@ def test_summary_and_errors_files(compressed, source):
     assert list(errors.columns) == ["adapter", "layer", "module", "cluster", "relative_error", "norm"]
     assert summary["mean_error"] == pytest.approx(errors["relative_error"].mean(), rel=1e-5)
     assert summary["max_error"] == pytest.approx(errors["relative_error"].max(), rel=1e-5)
-    assert summary["bytes_uncompressed"] == 4 * coll.uncompressed_params()
+    assert summary["bytes_uncompressed"] == 4 * coll.uncompressed_params() == 4 * summary["params_uncompressed"]
     loaded = CompressedCollection.load(compressed)
     stored = sum(4 * (m.U.numel() + m.V.numel() + m.S.numel()) for m in map(loaded.module, loaded.modules))
-    assert summary["bytes_gpu"] == stored
+    assert summary["bytes_gpu"] == stored == 4 * summary["params_gpu"]
     assert summary["seconds"] > 0
     meta = json.loads((compressed / "metadata.json").read_text())
     assert [a["name"] for a in meta["adapters"]] == coll.names
@@ -124,6 +124,10 @@ def test_new_adapters_fit_onto_existing_bases(compressed, source, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     grown_errors = pd.read_csv(out / "errors.csv")
     assert len(grown_errors) == (N + 2) * 3 and summary["n_adapters"] == N + 2
+    stored = sum(4 * (m.U.numel() + m.V.numel() + m.S.numel()) for m in map(grown.module, grown.modules))
+    new_params = load_collection(new_dir).uncompressed_params()
+    before = json.loads((compressed / "summary.json").read_text())
+    assert summary["bytes_gpu"] == stored and summary["params_uncompressed"] == before["params_uncompressed"] + new_params
     fresh = grown_errors[grown_errors["adapter"] == "fresh_0011"]["relative_error"]
     assert fresh.max() < 0.8  # its cluster's bases capture much of its shared part (3 of its 4 ranks)
     for key in grown.modules:
@@ -150,6 +154,7 @@ def test_other_methods_and_auto_clusters_through_the_cli(source, tmp_path, metho
     else:
         meta = json.loads((out / "metadata.json").read_text())
         assert all(m["mean_error"] <= 0.5 for m in meta["modules"]) == summary["target_met"]
+        assert summary["clusters_used"] == pytest.approx(sum(m["clusters"] for m in meta["modules"]) / 3)
 
 
 def test_bad_inputs_get_one_clear_error(source, compressed, tmp_path, capsys):

@@ -36,3 +36,25 @@ def test_bad_arguments_are_reported(capsys):
     assert "--n takes comma-separated integers" in capsys.readouterr().err
     assert main(["bench-kernels", "--device-check"]) == 2
     assert "--device-check needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_failing_strategy_is_reported_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    import lorabench.bench_kernels as bench
+
+    real = bench.time_call
+    calls = []
+
+    def flaky(call, device):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("capture failed")
+        return real(call, device)
+
+    monkeypatch.setattr(bench, "time_call", flaky)
+    out = tmp_path / "k.csv"
+    assert main(["bench-kernels", "--m", "2", "--n", "2", "--d", "16", "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    failed = table[table.error.notna()]
+    assert len(failed) == 1 and failed.median_us.isna().all() and "capture failed" in failed.error.iloc[0]
+    assert table.median_us.notna().sum() == len(table) - 1
+    assert "failed: capture failed" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from collections import Counter
 import pandas as pd
 
 from lorabench.adapters.collection import load_collection
-from lorabench.adapters.synth import SynthSpec, write_synth_collection
+from lorabench.adapters.synth import DTYPES, SynthSpec, write_synth_collection
 from lorabench.errors import LorabenchError
 from lorabench.presets import MODELS
 
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--modules", default="q_proj,k_proj,v_proj,o_proj", help="target modules, comma-separated")
     s.add_argument("--layers", type=int, default=None, help="adapt only the first LAYERS layers")
     s.add_argument("--rslora", action="store_true", help="rsLoRA scaling alpha / sqrt(r)")
-    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    s.add_argument("--dtype", default="float32", choices=DTYPES)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="collection directory to create")
     i = sub.add_parser("info", help="check a collection of PEFT adapters and describe it")

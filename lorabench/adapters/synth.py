@@ -34,7 +34,7 @@ from lorabench.presets import ALL_LINEAR, ATTENTION_MODULES, model_preset
 from lorabench.results import atomic_dir
 
 SYNTH_FILE = "synth.json"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class SynthSpec:
             (0.0 <= self.shared <= 1.0, "--shared must be in [0, 1]"),
             (self.noise >= 0 and self.norm_spread >= 0, "--noise and --norm-spread must be >= 0"),
             (self.layers is None or 1 <= self.layers <= preset.layers, f"--layers must be in 1..{preset.layers}"),
-            (self.dtype in _DTYPES, f"--dtype must be one of {', '.join(_DTYPES)}"),
+            (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -138,7 +138,7 @@ def synth_adapter(spec: SynthSpec, i: int, cluster: int, rank: int) -> tuple[Ada
         scaling = config.scaling(key)
         norm = scaling * math.sqrt(float(((B.T @ B) * (A @ A.T)).sum()))
         B *= target_norm / max(norm, 1e-30)
-        dtype = _DTYPES[spec.dtype]
+        dtype = getattr(torch, spec.dtype)
         factors[key] = (A.to(dtype), B.to(dtype))
     return config, factors
 

@@ -19,10 +19,9 @@ from lorabench.compress.collection import CompressedCollection
 from lorabench.compress.module import CompressConfig
 from lorabench.compress.run import add_adapters, compress_collection
 from lorabench.errors import LorabenchError
-from lorabench.presets import MODELS
+from lorabench.presets import GIB, MODELS
 
-GIB = 2**30
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 def _clusters(text: str) -> int | str:
@@ -49,10 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--normalize", action="store_true", help="fit adapters scaled to unit norm (norms kept)")
     parser.add_argument("--weights", default=None, help="JSON file {adapter name: weight} (others weigh 1)")
     parser.add_argument("--model", default=None, choices=list(MODELS), help="check adapter shapes against a model")
-    parser.add_argument("--dtype", default=None, choices=list(_DTYPES), help="stored dtype (default: the adapters')")
+    parser.add_argument("--dtype", default=None, choices=DTYPES, help="stored dtype (default: the adapters')")
     parser.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--device", default="cpu", help="torch device for the fits (cpu, cuda)")
-    parser.add_argument("--tol", type=float, default=1e-5, help="stop when the objective improves less (relative)")
+    parser.add_argument("--tol", type=float, default=1e-4,
+                        help="stop when an iteration lowers the total error by less than this fraction (default 1e-4)")
     parser.add_argument("--max-iter", type=int, default=50, help="iteration cap per fit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--onto", default=None, metavar="COMPRESSED_DIR",
@@ -101,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
     summary = compress_collection(
         collection, config, args.out, weights=_read_weights(args.weights),
         memory_budget=None if args.memory_budget is None else args.memory_budget * GIB,
-        dtype=_DTYPES[args.dtype] if args.dtype else None, compute_dtype=_DTYPES[args.compute_dtype],
+        dtype=getattr(torch, args.dtype) if args.dtype else None, compute_dtype=getattr(torch, args.compute_dtype),
         device=args.device, progress=not args.quiet,
     )
     print(f"wrote {args.out} (mean error {summary['mean_error']:.4f}, {summary['seconds']:.1f} s)")

@@ -89,7 +89,7 @@ def fit_clusters(
     k: int,
     w: torch.Tensor,
     method: str = "full",
-    tol: float = 1e-5,
+    tol: float = 1e-4,
     max_iter: int = 50,
     max_rounds: int = 20,
     seed: int = 0,

@@ -71,7 +71,7 @@ def fit_diagonal(
     rank: int,
     w: torch.Tensor,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    tol: float = 1e-5,
+    tol: float = 1e-4,
     max_iter: int = 50,
     seed: int = 0,
 ) -> GroupFit:

@@ -69,7 +69,7 @@ def fit_full(
     rank: int,
     w: torch.Tensor,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    tol: float = 1e-5,
+    tol: float = 1e-4,
     max_iter: int = 50,
     seed: int = 0,
 ) -> GroupFit:

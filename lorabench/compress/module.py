@@ -23,7 +23,7 @@ class CompressConfig:
     clusters: int | str = 1
     target_error: float = 0.6
     normalize: bool = False
-    tol: float = 1e-5
+    tol: float = 1e-4  # stop when an iteration lowers the total error by less than this fraction
     max_iter: int = 50
     max_rounds: int = 20
     seed: int = 0
@@ -43,11 +43,6 @@ class CompressConfig:
     def core_numbers(self) -> int:
         """Numbers per adapter core: R x R (full) or R (diagonal, svd)."""
         return self.rank * self.rank if self.method == "full" else self.rank
-
-
-def fit_bytes(fit: ModuleFit, element_size: int) -> int:
-    """GPU-resident bytes of one compressed module: the bases of every group and every core."""
-    return element_size * (fit.U[0].numel() * fit.U.shape[0] + fit.V[0].numel() * fit.V.shape[0] + fit.S.numel())
 
 
 def _max_clusters(stack: LoraStack, config: CompressConfig, max_bytes: int | None, element_size: int) -> int:

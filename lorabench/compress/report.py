@@ -2,7 +2,7 @@
 
 errors.csv: one row per adapter and module: adapter, layer, module, cluster, relative_error, norm
 (||scaling * B A||_F). summary.json: mean_error and max_error over those rows, bytes_gpu (shared
-bases + every core), bytes_uncompressed (every A and B), seconds, and the run's settings.
+bases + every core), bytes_uncompressed (every A and B), the same as params_*, seconds, settings.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pandas as pd
 
 from lorabench.adapters.types import ModuleKey
 from lorabench.compress.fit import ModuleFit
+from lorabench.presets import GIB
 
 ERRORS_FILE = "errors.csv"
 SUMMARY_FILE = "summary.json"
-GIB = 2**30
 
 
 def error_rows(key: ModuleKey, names: list[str], fit: ModuleFit) -> pd.DataFrame:
@@ -34,17 +34,19 @@ def error_rows(key: ModuleKey, names: list[str], fit: ModuleFit) -> pd.DataFrame
 
 
 def summarize(errors: pd.DataFrame, modules: list[dict], seconds: float, **settings) -> dict:
-    bytes_gpu = sum(m["bytes_gpu"] for m in modules)
-    bytes_uncompressed = sum(m["bytes_uncompressed"] for m in modules)
+    bytes_gpu, bytes_uncompressed = (sum(m[k] for m in modules) for k in ("bytes_gpu", "bytes_uncompressed"))
     return {
         "mean_error": float(errors["relative_error"].mean()),
         "max_error": float(errors["relative_error"].max()),
         "bytes_gpu": int(bytes_gpu),
         "bytes_uncompressed": int(bytes_uncompressed),
+        "params_gpu": sum(m["params_gpu"] for m in modules),
+        "params_uncompressed": sum(m["params_uncompressed"] for m in modules),
         "compression_ratio": bytes_uncompressed / bytes_gpu if bytes_gpu else None,
         "seconds": float(seconds),
         "n_adapters": int(errors["adapter"].nunique()),
         "n_modules": len(modules),
+        "clusters_used": sum(m["clusters"] for m in modules) / len(modules),  # mean K over modules
         **settings,
     }
 

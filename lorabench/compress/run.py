@@ -51,7 +51,17 @@ def _save_module(folder: Path, name: str, U, V, S, cluster_of, dtype: torch.dtyp
     save_file(tensors, str(folder / MODULES_DIR / f"{name}.safetensors"))
 
 
-def _module_record(key, d_in, d_out, fit: ModuleFit, element_size: int, bytes_uncompressed: int, seconds: float) -> dict:
+def _sizes(params_gpu: int, params_uncompressed: int, element_size: int) -> dict:
+    """Numbers and bytes of a compressed module (bases + cores) and of its source (every A and B)."""
+    return {
+        "params_gpu": params_gpu,
+        "params_uncompressed": params_uncompressed,
+        "bytes_gpu": params_gpu * element_size,
+        "bytes_uncompressed": params_uncompressed * element_size,
+    }
+
+
+def _module_record(key, d_in, d_out, fit: ModuleFit, element_size: int, params_uncompressed: int, seconds: float) -> dict:
     return {
         "name": key.name,
         "d_in": d_in,
@@ -62,8 +72,7 @@ def _module_record(key, d_in, d_out, fit: ModuleFit, element_size: int, bytes_un
         "max_error": float(fit.errors.max()),
         "iterations": fit.iterations,
         "seconds": seconds,
-        "bytes_gpu": element_size * (fit.U.numel() + fit.V.numel() + fit.S.numel()),
-        "bytes_uncompressed": bytes_uncompressed,
+        **_sizes(fit.U.numel() + fit.V.numel() + fit.S.numel(), params_uncompressed, element_size),
     }
 
 
@@ -102,7 +111,7 @@ def compress_collection(
             _save_module(tmp, key.name, fit.U, fit.V, fit.S, fit.cluster_of, dtype)
             ranks = sum(r[key] for r in collection.ranks)
             records.append(
-                _module_record(key, d_in, d_out, fit, element_size, ranks * (d_in + d_out) * element_size,
+                _module_record(key, d_in, d_out, fit, element_size, ranks * (d_in + d_out),
                                time.perf_counter() - t0)
             )
             frames.append(error_rows(key, collection.names, fit))
@@ -167,8 +176,9 @@ def add_adapters(
                 new_rows.append({"adapter": f.name, "layer": key.layer, "module": key.module, "cluster": f.cluster[key],
                                  "relative_error": f.errors[key], "norm": f.norms2[key] ** 0.5})
             new_ranks = sum(f.ranks[key] for f in fits)
-            record["bytes_gpu"] = element_size * (mod.U.numel() + mod.V.numel() + S.numel())
-            record["bytes_uncompressed"] += new_ranks * (record["d_in"] + record["d_out"]) * element_size
+            record.update(_sizes(mod.U.numel() + mod.V.numel() + S.numel(),
+                                 record["params_uncompressed"] + new_ranks * (record["d_in"] + record["d_out"]),
+                                 element_size))
         errors = pd.concat([errors, pd.DataFrame(new_rows)], ignore_index=True)
         for record, key in zip(meta["modules"], compressed.modules):
             rows = errors[(errors["layer"] == key.layer) & (errors["module"] == key.module)]

@@ -102,7 +102,11 @@ def make_executor(config, model: ModelShape, device: DeviceSpec, lora: "LoraSetu
     profile's device figures, this applies its efficiencies."""
     efficiency = Efficiency()
     if config.profile is not None:
-        _, efficiency = apply_profile(load_profile(config.profile), device, efficiency)
+        profile = load_profile(config.profile)
+        _, efficiency = apply_profile(profile, device, efficiency)
+        # A measured profile (lorabench.calibration) also fits each strategy's kernels apart.
+        by_strategy = profile.get("efficiency_by_strategy", {}).get(lora.strategy, {})
+        efficiency = _replace_fields(efficiency, by_strategy, f"profile {config.profile}: {lora.strategy} efficiency")
     return ModeledExecutor(model, device, lora, efficiency)
 
 

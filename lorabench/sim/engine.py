@@ -50,6 +50,7 @@ class RunResult:
     peak_total_bytes: int = 0  # weights + KV + adapters
     kv_capacity_bytes: int = 0
     preemptions: int = 0
+    device: str | None = None  # where the steps ran, when the executor says (measured: device and mode)
 
 
 class Replica:

@@ -1,0 +1,97 @@
+"""`lorabench validate`: the modeled executor's fidelity against the measured one.
+
+Both serve the same request stream (same workload, seed and config); the modeled one uses the
+profile of the device the measured one runs on (`--profile FILE`, else the one found for this
+device and model; measured first, with `lorabench profile`'s grid, when there is none). Printed per
+strategy: the relative error (modeled / measured - 1) of output_throughput, mean TTFT and mean TPOT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from lorabench import calibration
+from lorabench.errors import LorabenchError
+from lorabench.presets import model_preset
+from lorabench.results import default_run_dir
+from lorabench.runner import RunConfig, run_experiment
+from lorabench.sim.measured import torch_device
+
+METRICS = (("output_throughput", "tok/s"), ("ttft_mean_ms", "TTFT mean ms"), ("tpot_mean_ms", "TPOT mean ms"))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from lorabench.run import add_arguments as run_arguments
+
+    run_arguments(p)  # the same flags as `lorabench run`; --executor and --device are set here
+    p.set_defaults(model="mistral-7b" if torch.cuda.is_available() else "tiny")
+
+
+def fidelity(measured: pd.DataFrame, modeled: pd.DataFrame) -> pd.DataFrame:
+    """Per strategy: each metric measured, modeled, and the relative error modeled / measured - 1."""
+    a, b = measured.set_index("strategy"), modeled.set_index("strategy")
+    rows = []
+    for strategy in a.index:
+        row = {"strategy": strategy, "status": a.at[strategy, "status"]}
+        for col, label in METRICS:
+            m, p = float(a.at[strategy, col]), float(b.at[strategy, col])
+            row[f"{label} measured"], row[f"{label} modeled"] = m, p
+            row[f"{label} error"] = p / m - 1 if m else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def validate(config: RunConfig, out: Path, progress: bool = True) -> pd.DataFrame:
+    """Run `config` measured and modeled (writing out/measured and out/modeled); return fidelity()."""
+    device = torch_device(config)
+    name = calibration.device_name(device)
+    profile = config.profile or calibration.find_profile(name, config.model)
+    if profile is None:
+        profile = Path("results/profiles") / f"{name}-{config.model}.json"
+        print(f"no profile for {name} and {config.model}: measuring one first -> {profile}")
+        from lorabench.profile import run_profile
+
+        workload = config.load_workload()
+        data = run_profile(config.model, list(config.strategies), sorted(set(workload.adapters.ranks)),
+                           workload.n_loras, tuple(workload.adapters.target_modules), workload.adapters.compressed_rank,
+                           "full" if device.type == "cuda" else "quick", 3, str(device),
+                           cuda_graphs=not getattr(config, "eager", False), progress=progress)
+        calibration.write_json_atomic(profile, data)
+    # Both runs take the profile's device figures, so both plan the same memory and batches.
+    measured = run_experiment(dataclasses.replace(config, executor="measured", profile=str(profile)), out / "measured",
+                              progress)
+    modeled = run_experiment(dataclasses.replace(config, executor="modeled", profile=str(profile)), out / "modeled", progress)
+    table = fidelity(measured, modeled)
+    table.attrs["profile"] = str(profile)
+    return table
+
+
+def format_table(table: pd.DataFrame) -> str:
+    shown = table[["strategy", "status"]].copy()
+    for _, label in METRICS:
+        for kind in ("measured", "modeled"):
+            shown[f"{label} {kind}"] = table[f"{label} {kind}"].map(lambda v: f"{v:,.4g}")
+        shown[f"{label} error"] = table[f"{label} error"].map(lambda v: f"{v:+.1%}")
+    return shown.to_string(index=False)
+
+
+def main(args: argparse.Namespace) -> int:
+    from lorabench.run import config_from_args
+
+    args.executor = "measured"
+    config = config_from_args(args)
+    workload = config.load_workload()
+    out = args.out or default_run_dir(f"validate-{config.workload}", workload.n_loras)
+    if out.exists():
+        raise LorabenchError(f"--out {out}: already exists")
+    if torch_device(config).type == "cpu":
+        torch.set_num_threads(1)  # steadier times on a shared CPU
+    table = validate(config, out, progress=not args.no_progress)
+    print(format_table(table))
+    print(f"error = modeled / measured - 1; modeled with profile {table.attrs['profile']}; runs in {out}/measured and {out}/modeled")
+    return 0
