@@ -155,6 +155,18 @@ def test_strategies_that_do_not_fit_keep_their_rows(tmp_path):
     assert big.loc["single", "status"] == "ok"
 
 
+def test_a_sweep_with_the_measured_executor(tmp_path):
+    # the real decoder runs each step (PyTorch on the CPU here); the charts say which executor
+    out = tmp_path / "sweep"
+    assert cli_main(["sweep", "--executor", "measured", "--model", "tiny", "--requests", "4", "--n-loras", "1,2",
+                     "--strategy", "compressed", "--out", str(out), "--no-progress"]) == 0
+    table, _ = read_sweep(out)
+    assert (table["executor"] == "measured").all() and (table["status"] == "ok").all()
+    assert table["strategy"].tolist() == ["single", "compressed"] * 2
+    assert (table["output_throughput"] > 0).all()
+    assert cli_main(["plot", str(out), "--kind", "relative"]) == 0
+
+
 def test_parallel_jobs_give_the_same_table(tmp_path):
     serial = run_sweep(small_config(), [1, 4], tmp_path / "serial", progress=False)
     parallel = run_sweep(small_config(), [1, 4], tmp_path / "parallel", jobs=2, progress=False)
