@@ -9,6 +9,6 @@ tmp=$(mktemp -d)
 lorabench sweep --workload "$workload" --n-loras 1,2,4,8,16,32,64,128,256,512,1024,2048,4096 \
     --strategy all --model mistral-7b --device h200 --executor modeled --out "$tmp/sweep" --no-progress
 lorabench report "$tmp/sweep"
-rm -rf "$ref" && mkdir -p "$ref"
+rm -rf "$ref"/{sweep.csv,config.json,report.md,charts} && mkdir -p "$ref"  # README.md is written by hand
 cp -r "$tmp/sweep"/{sweep.csv,config.json,report.md,charts} "$ref"/
 echo "remade $ref (run folders: $tmp/sweep/points)"
