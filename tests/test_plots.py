@@ -179,6 +179,9 @@ def test_compression_chart_draws_error_against_rank_and_clusters(tmp_path):
         np.testing.assert_allclose(line(by_clusters, f"full, rank {r} (mean)").get_ydata(), rows["mean_error"])
     assert cli_main(["plot", str(tmp_path / "compress"), "--kind", "compression"]) == 0
     assert (tmp_path / "compress" / "charts" / "compression.png").read_bytes()[:8] == PNG_MAGIC
+    # `--kind all` on a folder of compress outputs draws just that chart
+    assert cli_main(["plot", str(tmp_path / "compress"), "--out", str(tmp_path / "all")]) == 0
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["compression.png", "compression.svg"]
 
 
 def test_compression_output_without_a_field_is_a_clear_error(tmp_path):
