@@ -86,3 +86,21 @@ def test_a_run_folder_is_not_taken_for_a_sweep(sweep_dir, tmp_path):
         read_sweep(sweep_dir / "points" / "1")
     with pytest.raises(LorabenchError, match="no such folder"):
         read_sweep(tmp_path / "nowhere")
+
+
+def test_report_adds_the_compression_chart_when_the_sweep_has_compress_outputs(sweep_dir, tmp_path):
+    folder = tmp_path / "with-compression"
+    folder.mkdir()
+    for name in ("sweep.csv", "config.json"):
+        (folder / name).write_text((sweep_dir / name).read_text())
+    for rank in (8, 16):
+        run = folder / "compression" / f"r{rank}"
+        run.mkdir(parents=True)
+        run.joinpath("summary.json").write_text(
+            '{"mean_error": %f, "max_error": 0.9, "bytes_gpu": 10, "bytes_uncompressed": 100, "seconds": 1,'
+            ' "rank": %d, "method": "full", "clusters": 1}' % (0.5 / rank, rank))
+    # the cdf chart reads the points' requests: link them
+    (folder / "points").symlink_to(sweep_dir / "points")
+    assert cli_main(["report", str(folder)]) == 0
+    kinds = {kind for kind, _ in re.findall(r"!\[(\w+)\]\(([^)]+)\)", (folder / "report.md").read_text())}
+    assert kinds == set(SWEEP_KINDS) | {"compression"}
