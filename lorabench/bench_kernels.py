@@ -11,7 +11,9 @@ over the copy bandwidth: no kernel that reads each adapter weight once can be fa
 On CUDA (bf16): the eager call and a CUDA-graph replay of it, each timed by triton.testing.do_bench
 (median; do_bench flushes L2 before every run). On CPU (fp32): the PyTorch paths on a reduced grid,
 wall-clock medians. `--device-check` first checks every Triton kernel on the GPU in bf16 and fp16
-against the float64 reference.
+against the float64 reference. The CSV is rewritten after every grid point (an interrupted run keeps
+what it measured). After a GPU run, and with `--check-targets CSV` for a table written earlier, the
+H200 bars of `kernel_targets` (vLLM's kernels, copy bandwidth, compressed vs single) are checked.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
 from tqdm import tqdm
 
+from lorabench import kernel_targets
 from lorabench.errors import LorabenchError
 from lorabench.kernels import LoraBatch, lora_compressed, lora_paged, lora_per_lora, lora_single, testing
 
@@ -67,9 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d", type=int, default=4096, help="d_in = d_out of the layer (default 4096)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    p.add_argument("--check-targets", type=Path, metavar="CSV",
+                   help="time nothing: check a bench-kernels CSV of a GPU run against the H200 bars "
+                        "(vLLM's kernels, copy bandwidth); exit 1 if one is missed")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.check_targets is not None:
+        return check_targets_of(args.check_targets)
     cuda = torch.cuda.is_available()
     if args.device_check and not cuda:
         raise LorabenchError("--device-check needs a CUDA GPU (none is visible)")
@@ -98,28 +107,53 @@ def main(args: argparse.Namespace) -> int:
             return 1
         print(f"device check passed: {len(checks)} cases")
 
-    table = run_grid(config)
-    table.insert(0, "device", device_name)
     # Where the figures came from, on every row: a committed CSV must say how it was made.
-    table["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    table["versions"] = f"torch {torch.__version__}, triton {_triton_version()}"
-    table["command"] = (
-        f"lorabench bench-kernels --m {','.join(map(str, config.grid_m))} --n {','.join(map(str, config.grid_n))}"
-        f" --d {config.d_in} --seed {config.seed}" + (" --device-check" if args.device_check else "")
+    provenance = dict(
+        device=device_name,
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        versions=f"torch {torch.__version__}, triton {_triton_version()}",
+        command=f"lorabench bench-kernels --m {','.join(map(str, config.grid_m))} --n {','.join(map(str, config.grid_n))}"
+        f" --d {config.d_in} --seed {config.seed}" + (" --device-check" if args.device_check else ""),
     )
     out = args.out or Path("results/kernels") / f"{_slug(device_name)}.csv"
-    write_csv_atomic(table, out)
+
+    def save(table: pd.DataFrame) -> pd.DataFrame:
+        table = table.assign(**provenance)[["device", *table.columns, "date", "versions", "command"]]
+        write_csv_atomic(table, out)
+        return table
+
+    # Rewritten after every point, so an interrupted or timed-out GPU run keeps what it measured.
+    table = save(run_grid(config, on_point=save))
     print_tables(table, cuda)
     print(f"\nwrote {out}")
+    if cuda:
+        _print_targets_if_covered(table, device_name)
     return 0
+
+
+def check_targets_of(path: Path) -> int:
+    """`--check-targets FILE`: the H200 bars against a table written earlier; 1 if one is missed."""
+    table = kernel_targets.read_table(path)
+    device = str(table["device"].iloc[0]) if "device" in table.columns and len(table) else "an unknown device"
+    verdicts = kernel_targets.check_targets(table)
+    kernel_targets.print_targets(verdicts, device)
+    return 0 if verdicts.ok.all() else 1
+
+
+def _print_targets_if_covered(table: pd.DataFrame, device: str) -> None:
+    try:
+        kernel_targets.print_targets(kernel_targets.check_targets(table), device)
+    except LorabenchError as err:  # a subset of the grid: no bar to show, the run itself succeeded
+        print(f"\nH200 kernel bars: not checked ({err})")
 
 
 # ---------------------------------------------------------------------------------------------
 # The grid
 
 
-def run_grid(config: BenchConfig) -> pd.DataFrame:
-    """One row per (M, N, strategy, mode): median microseconds and fraction of copy bandwidth."""
+def run_grid(config: BenchConfig, on_point: Callable[[pd.DataFrame], object] | None = None) -> pd.DataFrame:
+    """One row per (M, N, strategy, mode): median microseconds and fraction of copy bandwidth.
+    `on_point` gets the table so far after every (M, N) point."""
     copy_bw = copy_bandwidth(config.device)
     rows = []
     points = [(m, n) for n in config.grid_n for m in config.grid_m]
@@ -150,6 +184,8 @@ def run_grid(config: BenchConfig) -> pd.DataFrame:
                     strategy=name, mode=mode, median_us=seconds * 1e6,
                     bw_fraction=nbytes / seconds / copy_bw, copy_gbps=copy_bw / 1e9, error=error[:200],
                 ))
+        if on_point is not None:
+            on_point(pd.DataFrame(rows))
     return pd.DataFrame(rows)
 
 
