@@ -3,7 +3,8 @@
 A sweep folder holds:
 
     config.json          the base run config (without n_loras) and the grid of n_loras
-    sweep.csv            one row per (point, strategy), the columns of summary.csv
+    sweep.csv            one row per (point, strategy), the columns of summary.csv; rewritten after
+                         every finished point, so a running or interrupted sweep can be charted
     points/<n>/          one `run_experiment` folder per point, plus point.json (written last:
                          the point's config and status; a folder without it is unfinished)
 
@@ -192,25 +193,28 @@ def run_sweep(
 
     configs = {n: dataclasses.replace(base, n_loras=n) for n in n_loras}
     todo = [n for n in n_loras if not finished_point(out, n, config_dict(configs[n]))]
-    bar = tqdm(total=len(n_loras), initial=len(n_loras) - len(todo), desc="sweep points", unit="point",
-               disable=not progress)
+    done = set(n_loras) - set(todo)
+    bar = tqdm(total=len(n_loras), initial=len(done), desc="sweep points", unit="point", disable=not progress)
+
+    def finished(n: int) -> None:
+        done.add(n)
+        write_csv_atomic(out / "sweep.csv", collect(out, [m for m in n_loras if m in done]))
+        bar.update()
+        if on_point:
+            on_point(n)
+
     try:
         if jobs == 1 or len(todo) <= 1:
             for n in todo:
                 bar.set_postfix_str(f"n_loras={n}")
                 run_point(out, configs[n])
-                bar.update()
-                if on_point:
-                    on_point(n)
+                finished(n)
         else:
             # spawn, not fork: the parent may hold torch/OpenMP threads that do not survive a fork
             with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
                 futures = [pool.submit(_run_point_in_worker, str(out), configs[n]) for n in todo]
                 for future in as_completed(futures):
-                    n, _ = future.result()
-                    bar.update()
-                    if on_point:
-                        on_point(n)
+                    finished(future.result()[0])
     finally:
         bar.close()
 

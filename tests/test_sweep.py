@@ -83,7 +83,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_points(tmp_path, m
     assert runs.calls == [1, 2]
     finished = {n: (out / "points" / str(n) / "point.json").stat().st_mtime_ns for n in (1, 2)}
     assert not (out / "points" / "4" / "point.json").exists()
-    assert not (out / "sweep.csv").exists()
+    # sweep.csv holds the finished points, ready to chart
+    partial, _ = read_sweep(out)
+    assert partial["n_loras"].tolist() == [n for n in (1, 2) for _ in range(4)]
 
     runs = CountingRuns(monkeypatch)
     table = run_sweep(small_config(), grid, out, progress=False)
@@ -91,9 +93,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_points(tmp_path, m
     for n, mtime in finished.items():
         assert (out / "points" / str(n) / "point.json").stat().st_mtime_ns == mtime
 
-    # the resumed sweep equals one that was never interrupted
+    # the resumed sweep equals one that was never interrupted, and its first points are those above
     fresh = run_sweep(small_config(), grid, tmp_path / "fresh", progress=False)
     pd.testing.assert_frame_equal(numeric(table), numeric(fresh))
+    pd.testing.assert_frame_equal(numeric(partial), numeric(fresh[fresh["n_loras"] <= 2]))
 
     # a second resume runs nothing at all
     runs = CountingRuns(monkeypatch)
