@@ -68,6 +68,15 @@ def describe_config(config: dict) -> str:
     return f"Run settings (from `config.json`): {shown}.\n"
 
 
+def unfinished_note(config: dict, done: list[int]) -> str:
+    """A warning when the sweep's grid (config.json) has points that sweep.csv does not hold yet."""
+    missing = sorted(set(config.get("n_loras", [])) - set(done))
+    if not missing:
+        return ""
+    return (f"**Unfinished sweep:** {len(missing)} of {len(missing) + len(done)} points have not run yet "
+            f"({', '.join(f'{n:,}' for n in missing)} adapters); rerun the `lorabench sweep` command to finish it.\n")
+
+
 def write_report(folder: str | Path, out: Path | None = None) -> Path:
     """Render the charts and write the Markdown page (default FOLDER/report.md); return its path."""
     folder = Path(folder)
@@ -84,6 +93,7 @@ def write_report(folder: str | Path, out: Path | None = None) -> Path:
          if modeled else "Executor(s): " + ", ".join(sorted(set(table["executor"]))) + "."),
         "Full table: [`sweep.csv`](sweep.csv); each point's run folder: `points/<n>/`.\n",
         describe_config(config),
+        unfinished_note(config, ns),
         "## Charts\n",
     ]
     for kind in ("relative", "throughput", "latency", "memory", "cdf", "compression"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 
 import pandas as pd
 import pytest
@@ -104,3 +106,19 @@ def test_report_adds_the_compression_chart_when_the_sweep_has_compress_outputs(s
     assert cli_main(["report", str(folder)]) == 0
     kinds = {kind for kind, _ in re.findall(r"!\[(\w+)\]\(([^)]+)\)", (folder / "report.md").read_text())}
     assert kinds == set(SWEEP_KINDS) | {"compression"}
+
+
+def test_report_of_an_unfinished_sweep_names_the_missing_points(sweep_dir, tmp_path):
+    """A sweep stopped after its first point: sweep.csv holds that point, config.json the whole grid."""
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    config = json.loads((sweep_dir / "config.json").read_text())
+    config["n_loras"] = [1, 8, 4096]
+    (folder / "config.json").write_text(json.dumps(config))
+    table = pd.read_csv(sweep_dir / "sweep.csv")
+    table[table["n_loras"] == 1].to_csv(folder / "sweep.csv", index=False)
+    shutil.copytree(sweep_dir / "points" / "1", folder / "points" / "1")
+    assert cli_main(["report", str(folder)]) == 0
+    page = (folder / "report.md").read_text()
+    assert "**Unfinished sweep:** 2 of 3 points have not run yet (8, 4,096 adapters)" in page
+    assert "Unfinished" not in (sweep_dir / "report.md").read_text()
