@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,6 +34,7 @@ from tqdm import tqdm
 
 from lorabench import kernel_targets
 from lorabench.errors import LorabenchError
+from lorabench.results import write_csv_atomic
 from lorabench.kernels import LoraBatch, lora_compressed, lora_paged, lora_per_lora, lora_single, testing
 
 GPU_GRID_M = (1, 16, 64, 256, 1024)
@@ -119,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
 
     def save(table: pd.DataFrame) -> pd.DataFrame:
         table = table.assign(**provenance)[["device", *table.columns, "date", "versions", "command"]]
-        write_csv_atomic(table, out)
+        write_csv_atomic(out, table)
         return table
 
     # Rewritten after every point, so an interrupted or timed-out GPU run keeps what it measured.
@@ -380,19 +379,6 @@ def print_tables(table: pd.DataFrame, cuda: bool) -> None:
         part = table[table["mode"] == modes[0]]
         print(f"\nunique weight bytes / time, as a fraction of copy bandwidth ({modes[0]}):")
         print(part.pivot_table(index=["M", "N"], columns="strategy", values="bw_fraction", sort=False).to_string())
-
-
-def write_csv_atomic(table: pd.DataFrame, path: Path) -> None:
-    """Write through a temporary file in the same folder, then rename: no half-written CSV."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            table.to_csv(f, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:

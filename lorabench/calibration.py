@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,14 +201,6 @@ def calibrate(points: list[ProfilePoint], shape: ModelShape, device: DeviceSpec,
 
 
 # ---- files -------------------------------------------------------------------------------------
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
 
 def load_points(path: Path) -> list[ProfilePoint]:
     try:

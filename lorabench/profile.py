@@ -24,6 +24,7 @@ from lorabench.errors import LorabenchError
 from lorabench.model import target_modules
 from lorabench.model.serving import STRATEGIES, ServingSetup, build_engine
 from lorabench.presets import DEVICES, DeviceSpec, model_preset
+from lorabench.results import write_json_atomic
 
 # (batch sizes, context lengths, prefill chunks) per grid size
 GRIDS = {
@@ -138,7 +139,7 @@ def main(args: argparse.Namespace) -> int:
     profile = run_profile(args.model, strategies, ranks, args.n_loras, modules, args.compressed_rank, args.grid,
                           args.repeats, args.device, cuda_graphs=not args.eager)
     out = args.out or Path("results/profiles") / f"{profile['meta']['device']}-{args.model}.json"
-    calibration.write_json_atomic(out, profile)
+    write_json_atomic(out, profile)
     meta, dev = profile["meta"], profile["device"]
     print(f"profile of {args.model} on {meta['device']} ({meta['dtype']}): {len(profile['points'])} points, "
           f"modes {meta['modes']}")

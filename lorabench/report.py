@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from lorabench.plots import render, title_line
-from lorabench.sweep import read_sweep, write_text_atomic
+from lorabench.results import write_text_atomic
+from lorabench.sweep import read_sweep
 
 # (column, header, format) of the report's table; the full table is sweep.csv.
 TABLE_COLUMNS = (

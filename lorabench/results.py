@@ -1,5 +1,5 @@
-"""Run folders, written atomically: everything goes into a hidden temporary sibling that is renamed
-into place at the end, so a run never leaves a half-written result folder behind."""
+"""Result files and run folders, written atomically: everything goes into a hidden temporary sibling
+that is renamed into place at the end, so a run never leaves a half-written result behind."""
 
 from __future__ import annotations
 
@@ -41,6 +41,29 @@ def atomic_dir(final: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be read by others
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_csv_atomic(path: Path, frame: pd.DataFrame) -> None:
+    write_text_atomic(path, frame.to_csv(index=False))
+
+
+def write_json_atomic(path: Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=1, default=_jsonable) + "\n")
 
 
 def write_json(path: Path, data) -> None:

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -31,6 +29,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lorabench.errors import LorabenchError
+from lorabench.results import write_csv_atomic, write_text_atomic
 
 if TYPE_CHECKING:  # the simulator is imported only when a sweep runs, so `lorabench plot` starts fast
     from lorabench.runner import RunConfig
@@ -90,21 +89,6 @@ def check_same_sweep(out: Path, wanted: dict) -> None:
             f"{out} holds a sweep with a different config ({details}); "
             "use another --out, or delete the folder to start over"
         )
-
-
-# --- atomic writes ------------------------------------------------------------------------------
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be read by others
-    os.replace(tmp, path)
-
-
-def write_csv_atomic(path: Path, table: pd.DataFrame) -> None:
-    write_text_atomic(path, table.to_csv(index=False))
 
 
 # --- one point ----------------------------------------------------------------------------------

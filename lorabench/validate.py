@@ -17,8 +17,7 @@ import torch
 
 from lorabench import calibration
 from lorabench.errors import LorabenchError
-from lorabench.presets import model_preset
-from lorabench.results import default_run_dir
+from lorabench.results import default_run_dir, write_json_atomic
 from lorabench.runner import RunConfig, run_experiment
 from lorabench.sim.measured import torch_device
 
@@ -61,7 +60,7 @@ def validate(config: RunConfig, out: Path, progress: bool = True) -> pd.DataFram
                            workload.n_loras, tuple(workload.adapters.target_modules), workload.adapters.compressed_rank,
                            "full" if device.type == "cuda" else "quick", 3, str(device),
                            cuda_graphs=not getattr(config, "eager", False), progress=progress)
-        calibration.write_json_atomic(profile, data)
+        write_json_atomic(profile, data)
     # Both runs take the profile's device figures, so both plan the same memory and batches.
     measured = run_experiment(dataclasses.replace(config, executor="measured", profile=str(profile)), out / "measured",
                               progress)

@@ -29,6 +29,7 @@ from lorabench.model.lora import lora_backend
 from lorabench.model.serving import STRATEGIES, ServingSetup, build_engine
 from lorabench.presets import model_preset
 from lorabench.profile import run_profile
+from lorabench.results import write_json_atomic
 from lorabench.runner import RunConfig, run_experiment
 from lorabench.validate import fidelity
 
@@ -140,7 +141,7 @@ def main() -> int:
     log(f"device check on {calibration.device_name(torch.device(device))}, torch {torch.__version__}, out {args.out}")
 
     check = correctness(model, device)
-    calibration.write_json_atomic(args.out / "correctness.json", {"rows": check.to_dict("records")})
+    write_json_atomic(args.out / "correctness.json", {"rows": check.to_dict("records")})
     log("correctness (bf16 Triton vs fp32 reference):\n" + check.to_string(index=False))
     ok = bool((check["max_rel_err"] < (0.05 if cuda else 1e-4)).all() and (check["run_equals_eager"] == 1).all())
 
@@ -149,9 +150,9 @@ def main() -> int:
                        "full" if cuda else "quick", 3, device, cuda_graphs=True, progress=False)
     name = data["meta"]["device"]
     profile = args.out / f"profile-{name}-{model}.json"
-    calibration.write_json_atomic(profile, data)
+    write_json_atomic(profile, data)
     if cuda:
-        calibration.write_json_atomic(Path("results/profiles") / f"{name}-{model}.json", data)
+        write_json_atomic(Path("results/profiles") / f"{name}-{model}.json", data)
     log(f"profile: modes {data['meta']['modes']}, fit {pd.DataFrame(data['meta']['fit']).T.to_string()}")
 
     modeled_device = name if name in ("h200", "h100", "a100", "l40s") else "h200"

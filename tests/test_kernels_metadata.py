@@ -3,7 +3,6 @@
 import random
 
 import pytest
-import torch
 
 from lorabench.kernels import LoraBatch
 from lorabench.kernels.common import MAX_PARTIAL_READS, TARGET_PROGRAMS, split_k

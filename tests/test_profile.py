@@ -14,6 +14,7 @@ from lorabench.cli import main as cli_main
 from lorabench.model import target_modules
 from lorabench.presets import device_preset, model_preset
 from lorabench.profile import grid_steps, run_profile
+from lorabench.results import write_json_atomic
 from lorabench.runner import RunConfig, run_experiment
 from lorabench.sim import costmodel
 
@@ -51,7 +52,7 @@ def cpu_profile(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     path = tmp_path_factory.mktemp("profiles") / "cpu-tiny.json"
-    calibration.write_json_atomic(path, data)
+    write_json_atomic(path, data)
     return path, data
 
 
