@@ -135,6 +135,23 @@ def format_table(summary: pd.DataFrame) -> str:
     return table.to_string(index=False, float_format=lambda v: f"{v:,.3g}" if abs(v) < 10 else f"{v:,.0f}")
 
 
+# Below this share of the budget, holding every adapter in a per-lora slot is what a deployment would do.
+CHEAP_SHARE = 0.05
+
+
+def starved_per_lora_hint(plan, config: RunConfig, n_loras: int) -> list[str]:
+    """A note when matched memory left per-lora fewer slots than adapters that would all fit cheaply."""
+    if config.max_loras or not plan.slots or plan.slots >= n_loras:
+        return []
+    every = n_loras * plan.adapter_capacity // plan.slots
+    if every > CHEAP_SHARE * plan.budget:
+        return []
+    return [f"Note: matched memory leaves per-lora {plan.slots} slot(s) for {n_loras} adapters, so it runs at most "
+            f"{plan.slots} adapter(s) per batch; all {n_loras} would take {every / 2**30:.2f} GiB "
+            f"({every / plan.budget:.1%} of the budget). --max-loras {n_loras} gives per-lora every adapter, as a "
+            "deployment with this few adapters would."]
+
+
 def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
     """What the table shows, in words a newcomer can follow."""
     first = summary.iloc[0]
@@ -156,6 +173,7 @@ def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
         f"meeting TTFT <= {config.ttft_slo_ms:g} ms and TPOT <= {config.tpot_slo_ms:g} ms; loads: host->GPU "
         "adapter copies; hit rate: requests that found their adapter on the GPU (no copy made for them); batch, "
         "distinct: mean requests and distinct adapters per step.",
+        *starved_per_lora_hint(plan, config, int(first["n_loras"])),
         "Below saturation every strategy finishes the same work and differs in latency; --workload offline "
         "measures peak throughput.",
         f"Results: {out}/ (summary.csv, requests/, steps/, config.json)",
