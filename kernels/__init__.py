@@ -57,7 +57,7 @@ def use_triton(x: torch.Tensor, backend: str = "auto") -> bool:
         return False
     if backend == "auto":
         return HAVE_TRITON and x.is_cuda
-    if not (HAVE_TRITON and (x.is_cuda or common.interpreting())):
+    if not (HAVE_TRITON and (x.is_cuda or common.interpreting() or common.capturing_launches)):
         raise ValueError("backend='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     return True
 

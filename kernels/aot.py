@@ -1,87 +1,168 @@
-"""Compile every Triton kernel for a CUDA architecture ahead of time, without a GPU.
+"""Compile the kernels' real launches for a CUDA architecture ahead of time, without a GPU.
 
-    python -m lorabench.kernels.aot [--arch 90]
+    python -m lorabench.kernels.aot [--arch 90] [--dtypes bf16,fp16,fp32]
 
-Catches what the interpreter cannot: code that does not compile to PTX/SASS, and register spills.
-Each kernel is compiled in the configurations its wrapper launches (tile heights 16..64, ranks 16
-and 128, every dtype), with the block sizes and launch options of `common`; prints one line per
-kernel with registers and spill (stack) bytes from cuobjdump. Must run with TRITON_INTERPRET unset.
-In bf16 and fp16 nothing spills; fp32 (exact "ieee" tl.dot, not a serving dtype) spills at rank 128.
+Catches what the interpreter cannot: code that does not compile to PTX/SASS, register spills, and
+loads the compiler did not pipeline. The wrappers run on CPU tensors with every Triton launch
+captured instead of run (`captured_launches`); each launch is then specialized as Triton's JIT would
+specialize it on the GPU (16-byte-aligned pointers and sizes divisible by 16 get divisibility hints,
+sizes equal to 1 become constants) and compiled for sm_<arch>. So the kernels compiled here are the
+ones a GPU run at the same shapes would build, with the wrappers' own block sizes and launch options.
+
+`compile_all` covers tile heights 16, 32, 64 and ranks 16 and 128 at d = 4096; `lorabench
+bench-kernels --plan` compiles the benchmark grid's launches the same way. In bf16 and fp16 nothing
+spills; fp32 (exact "ieee" tl.dot, not a serving dtype) spills at rank 128. Run with
+TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
+import re
 import subprocess
 import tempfile
+from dataclasses import dataclass
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
-from . import bgmv, compressed, paged, sgmv, single
-from .common import blocks, launch_options
+from . import common, testing
 
-DTYPES = {"bf16": "tf32", "fp16": "tf32", "fp32": "ieee"}  # dtype -> tl.dot input precision
-
-
-def kernel_specs(dtypes=tuple(DTYPES), block_ms=(16, 32, 64), ranks=(16, 128)):
-    """(kernel, pointer dtypes by argument, constexprs, register tiles) of every launch shape."""
-    cfg = blocks()
-    for dt in dtypes:
-        precision = DTYPES[dt]
-        for rp in ranks:
-            for bm in block_ms:
-                bk, bn, rc = cfg.shrink_k(bm, rp), cfg.expand_n(bm, rp), min(rp, 64)
-                shrink = dict(BLOCK_M=bm, BLOCK_K=bk, R_PAD=rp, DOT_PRECISION=precision), [(bm, bk), (bk, rp)]
-                expand = dict(BLOCK_M=bm, BLOCK_N=bn, R_PAD=rp, DOT_PRECISION=precision), [(bm, bn), (rp, bn)]
-                yield (sgmv._sgmv_shrink_kernel, dict(x_ptr=dt, a_ptr=dt, h_ptr="fp32"), *shrink)
-                yield (sgmv._sgmv_expand_kernel, dict(h_ptr="fp32", b_ptr=dt, scales_ptr="fp32", y_ptr=dt), *expand)
-                yield (paged._paged_shrink_kernel, dict(x_ptr=dt, pool_ptr=dt, h_ptr="fp32"), *shrink)
-                yield (paged._paged_expand_kernel, dict(h_ptr="fp32", pool_ptr=dt, scales_ptr="fp32", y_ptr=dt),
-                       *expand)
-                yield (single._single_shrink_kernel, dict(x_ptr=dt, a_ptr=dt, h_ptr="fp32"), *shrink)
-                yield (single._single_expand_kernel, dict(h_ptr="fp32", b_ptr=dt, y_ptr=dt), *expand)
-                for diagonal in (False, True):
-                    yield (compressed._compressed_mix_kernel, dict(h_ptr="fp32", s_ptr=dt, g_ptr="fp32"),
-                           dict(BLOCK_M=bm, R_PAD=rp, R_CHUNK=rc, DIAGONAL=diagonal, DOT_PRECISION=precision),
-                           [(bm, rp), (rp, rc)])
-            gb = cfg.gather(rp)
-            yield (bgmv._bgmv_shrink_kernel, dict(x_ptr=dt, a_ptr=dt, h_ptr="fp32"),
-                   dict(BLOCK_K=gb, R_PAD=rp), [(rp, gb)])
-            yield (bgmv._bgmv_expand_kernel, dict(h_ptr="fp32", b_ptr=dt, scales_ptr="fp32", y_ptr=dt),
-                   dict(BLOCK_N=gb, R_PAD=rp), [(rp, gb)])
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+D_MODEL = 4096  # d_in = d_out of the compile shapes: the benchmark's, divisible by every block
 
 
-def compile_all(arch: int = 90, **subset) -> list[dict]:
-    """Compile every spec (or the `subset` of kernel_specs' arguments) for sm_<arch>: one dict per
-    kernel configuration with its resource use."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
-    target = GPUTarget("cuda", arch, 32)
-    rows = []
-    for fn, pointers, constexprs, tiles in kernel_specs(**subset):
-        signature = {}
-        for name in fn.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                signature[name] = "*" + pointers.get(name, "i32")  # unnamed pointers: int tables
-            else:
-                signature[name] = "fp32" if name == "scale" else "i32"
-        options = launch_options(*tiles)
-        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
-                                options=options)
-        sizes = {k: v for k, v in constexprs.items() if k != "DOT_PRECISION"}
-        rows.append(dict(kernel=fn.__name__, dtype=_dtype(pointers), num_warps=options["num_warps"], **sizes,
-                         **_resources(kernel.asm["cubin"])))
+@dataclass(frozen=True)
+class Launch:
+    """One captured kernel launch: the kernel, its arguments as passed, and its grid."""
+
+    kernel: JITFunction
+    args: tuple
+    kwargs: dict
+    grid: tuple
+
+    @property
+    def programs(self) -> int:
+        n = 1
+        for g in self.grid:
+            n *= g
+        return n
+
+
+@contextlib.contextmanager
+def captured_launches():
+    """Within the block, Triton kernels are recorded (appended to the yielded list), not run."""
+    if common.interpreting():
+        raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be captured or compiled")
+    launches: list[Launch] = []
+    real = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, kwargs, tuple(grid)))
+
+    JITFunction.run, common.capturing_launches = record, True
+    try:
+        yield launches
+    finally:
+        JITFunction.run, common.capturing_launches = real, False
+
+
+def specialize(launch: Launch) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attrs, options) of a launch, as Triton's JIT specializes it on CUDA."""
+    from triton._C.libtriton import native_specialize_impl  # the JIT's own rule (triton 3.x)
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(launch.kernel.params):
+        name = param.name
+        value = launch.args[i] if i < len(launch.args) else launch.kwargs[name]
+        if param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        kind, key = native_specialize_impl(CUDABackend, value, False, True, True)
+        if kind == "constexpr":  # an integer equal to 1
+            signature[name], constexprs[name] = "constexpr", key
+        else:
+            signature[name] = kind
+            if key:
+                attrs[(i,)] = CUDABackend.parse_attr(key)
+    options = {k: v for k, v in launch.kwargs.items() if k in ("num_warps", "num_stages")}
+    return signature, constexprs, attrs, options
+
+
+def compile_launch(launch: Launch, arch: int = 90) -> dict:
+    """Compile a captured launch for sm_<arch>: its resources and what the compiler made of it."""
+    signature, constexprs, attrs, options = specialize(launch)
+    source = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = kernel.asm["ptx"]
+    blocks = {k: v for k, v in constexprs.items() if k.isupper() and k != "DOT_PRECISION"}
+    return dict(
+        kernel=launch.kernel.__name__, grid="x".join(map(str, launch.grid)), programs=launch.programs,
+        blocks=" ".join(f"{k}={v}" for k, v in blocks.items()), **options, **_resources(kernel.asm["cubin"]),
+        # cp.async (or TMA) copies are what software pipelining of a loop's loads compiles to
+        pipelined_loads=bool(re.search(r"cp\.async\.(ca|cg|bulk)", ptx)),
+        tensor_cores="wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "none",
+    )
+
+
+def launch_key(launch: Launch) -> str:
+    """Launches with equal keys compile to the same binary."""
+    signature, constexprs, attrs, options = specialize(launch)
+    return repr((launch.kernel.__name__, sorted(signature.items()), sorted(map(str, constexprs.items())),
+                 sorted(attrs.items()), sorted(options.items())))
+
+
+def shape_launches(dtype: torch.dtype, rank: int, block_m: int, seed: int = 0) -> list[tuple[str, Launch]]:
+    """(op, launch) of every wrapper at d = D_MODEL, adapters of `rank` (compressed: R = rank, full and
+    diagonal S), tiles of `block_m` tokens (single: a batch of block_m tokens)."""
+    from .bgmv import bgmv_lora
+    from .compressed import compressed_lora
+    from .paged import paged_lora
+    from .sgmv import sgmv_lora
+    from .single import single_lora
+
+    gen = torch.Generator().manual_seed(seed)
+    n, d = 4, D_MODEL
+    ids = [i % n for i in range(4 * block_m)]
+    problems = {
+        "single": (single_lora, testing.single_problem(block_m, d, d, rank, dtype, "cpu", gen)),
+        "sgmv": (sgmv_lora, testing.per_lora_problem(ids, n, d, d, rank, dtype, "cpu", gen, block_m=block_m)),
+        "bgmv": (bgmv_lora, testing.per_lora_problem(ids[:16], n, d, d, rank, dtype, "cpu", gen)),
+        "paged": (paged_lora, testing.paged_problem(ids, [rank] * n, d, d, d, dtype, "cpu", gen, block_m=block_m)),
+        "compressed_full": (compressed_lora, testing.compressed_problem(
+            ids, n, 1, rank, False, d, d, dtype, "cpu", gen, block_m=block_m)),
+        "compressed_diag": (compressed_lora, testing.compressed_problem(
+            ids, n, 1, rank, True, d, d, dtype, "cpu", gen, block_m=block_m)),
+    }
+    out = []
+    for op, (fn, problem) in problems.items():
+        extra = {} if problem.batch is None else {"batch": problem.batch}
+        with captured_launches() as launches:
+            fn(**problem.inputs, **extra)
+        out += [(op, launch) for launch in launches]
+    return out
+
+
+def compile_all(arch: int = 90, dtypes=tuple(DTYPES), block_ms=(16, 32, 64), ranks=(16, 128)) -> list[dict]:
+    """Compile every distinct launch of the wrappers over dtypes x ranks x tile heights: one dict each."""
+    rows, seen = [], set()
+    for name in dtypes:
+        for rank in ranks:
+            for block_m in block_ms:
+                for _, launch in shape_launches(DTYPES[name], rank, block_m):
+                    key = launch_key(launch)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    row = compile_launch(launch, arch)
+                    rows.append(dict(dtype=name, **{k: v for k, v in row.items() if k not in ("grid", "programs")}))
     return rows
-
-
-def _dtype(pointers: dict) -> str:
-    return next((v for v in pointers.values() if v != "fp32"), "fp32")
 
 
 def _resources(cubin: bytes) -> dict:
@@ -99,14 +180,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated, of bf16,fp16,fp32")
-    parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     args = parser.parse_args()
+    import pandas as pd
+
     rows = compile_all(args.arch, dtypes=tuple(args.dtypes.split(",")))
-    if args.json:
-        print(json.dumps(rows))
-        return
-    for row in rows:
-        print(" ".join(f"{k}={v}" for k, v in row.items()))
+    with pd.option_context("display.width", 250, "display.max_rows", 1000, "display.max_colwidth", 60):
+        print(pd.DataFrame(rows).to_string(index=False))
 
 
 if __name__ == "__main__":

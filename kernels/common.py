@@ -33,15 +33,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Set by `aot.captured_launches`: launches are recorded, not run, so CPU tensors may reach the wrappers.
+capturing_launches = False
+
+
 @dataclass(frozen=True)
 class Blocks:
     """Block sizes and launch settings shared by the kernels (to be tuned on the target GPU).
 
     The blocks below are the largest; a launch takes smaller ones where its tile is tall (block_m)
     or wide (padded rank), so that register tiles stay within MAX_TILE (shrink) or 2 * MAX_TILE
-    (expand) elements. Compiled for sm_90 (`python -m lorabench.kernels.aot`), a 64 x 128 shrink
-    tile took 217 registers a thread and rank-128 tiles spilled; within these budgets, none spills
-    in bf16 or fp16.
+    (expand) elements. The budgets were first set from sm_90 compiles without the JIT's
+    divisibility hints, which overstate registers (a 64 x 128 shrink tile: 217 a thread). Compiled
+    as the GPU specializes them (`python -m lorabench.kernels.aot`, `bench-kernels --plan`), no
+    bf16/fp16 launch takes over 110 registers or spills, and 64 x 128 tiles at rank 128 would take
+    about 100 with 8 warps: room to raise MAX_TILE once a GPU can time the difference.
     """
 
     block_k: int  # reduction block of the shrink (over d_in)
@@ -75,8 +81,8 @@ def blocks() -> Blocks:
 def launch_options(*tiles: tuple[int, int]) -> dict:
     """num_warps and num_stages for a kernel whose largest register tiles are `tiles` (rows, cols).
 
-    8 warps once a tile reaches MAX_TILE elements: with 4, its values and 64-bit addresses take
-    170-250 registers a thread (sm_90: a 64 x 128 expand tile 253 with 4 warps, 140 with 8).
+    8 warps once a tile reaches MAX_TILE elements: with 4, a 64 x 128 tile at rank 128 takes
+    135-175 registers a thread on sm_90 (88-104 with 8), which would halve the resident warps.
     """
     largest = max(rows * cols for rows, cols in tiles)
     return dict(num_warps=8 if largest >= MAX_TILE else 4, num_stages=blocks().num_stages)

@@ -36,6 +36,7 @@ from lorabench import kernel_targets
 from lorabench.errors import LorabenchError
 from lorabench.results import write_csv_atomic
 from lorabench.kernels import LoraBatch, lora_compressed, lora_paged, lora_per_lora, lora_single, testing
+from lorabench.kernels.common import interpreting as kernel_interpreting
 
 GPU_GRID_M = (1, 16, 64, 256, 1024)
 GPU_GRID_N = (1, 8, 64, 512, 1024)
@@ -70,6 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d", type=int, default=4096, help="d_in = d_out of the layer (default 4096)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    p.add_argument("--plan", action="store_true",
+                   help="time nothing, no GPU needed: compile every Triton launch of the grid for sm_90 as the GPU "
+                        "would, and show grids, blocks, registers, spills and pipelining (CSV: --out, default "
+                        "results/kernels/plan-sm90.csv)")
     p.add_argument("--check-targets", type=Path, metavar="CSV",
                    help="time nothing: check a bench-kernels CSV of a GPU run against the H200 bars "
                         "(vLLM's kernels, copy bandwidth); exit 1 if one is missed")
@@ -78,24 +83,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.check_targets is not None:
         return check_targets_of(args.check_targets)
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not args.plan
     if args.device_check and not cuda:
         raise LorabenchError("--device-check needs a CUDA GPU (none is visible)")
     if args.d < 16:
         raise LorabenchError(f"--d must be at least 16, got {args.d}")
     if args.threads is not None and args.threads < 1:
         raise LorabenchError(f"--threads must be >= 1, got {args.threads}")
+    gpu_grid = cuda or args.plan
     config = BenchConfig(
         device="cuda" if cuda else "cpu",
-        dtype=torch.bfloat16 if cuda else torch.float32,
-        grid_m=_int_list(args.m, "--m") or (GPU_GRID_M if cuda else CPU_GRID_M),
-        grid_n=_int_list(args.n, "--n") or (GPU_GRID_N if cuda else CPU_GRID_N),
+        dtype=torch.bfloat16 if gpu_grid else torch.float32,
+        grid_m=_int_list(args.m, "--m") or (GPU_GRID_M if gpu_grid else CPU_GRID_M),
+        grid_n=_int_list(args.n, "--n") or (GPU_GRID_N if gpu_grid else CPU_GRID_N),
         d_in=args.d,
         d_out=args.d,
         seed=args.seed,
     )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.plan:
+        return plan_main(config, args)
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     if args.device_check:
         checks = device_check()
@@ -127,6 +135,25 @@ def main(args: argparse.Namespace) -> int:
     print(f"\nwrote {out}")
     if cuda:
         _print_targets_if_covered(table, device_name)
+    return 0
+
+
+def plan_main(config: BenchConfig, args: argparse.Namespace) -> int:
+    if args.device_check:
+        raise LorabenchError("--plan compiles without a GPU; --device-check needs one: pass only one of them")
+    try:
+        from lorabench.kernels import aot  # noqa: F401 - triton, and its ptxas, are what --plan needs
+    except ImportError as err:
+        raise LorabenchError(f"--plan needs triton ({err})") from None
+    if kernel_interpreting():
+        raise LorabenchError("--plan compiles the kernels: unset TRITON_INTERPRET")
+    plan = plan_grid(config)
+    plan.insert(0, "arch", "sm_90")
+    plan["versions"] = f"torch {torch.__version__}, triton {_triton_version()}"
+    out = args.out or Path("results/kernels/plan-sm90.csv")
+    write_csv_atomic(out, plan)
+    print_plan(plan)
+    print(f"\nwrote {out}")
     return 0
 
 
@@ -230,39 +257,94 @@ class LayerWeights:
         )
 
 
-def strategies(c: BenchConfig, w: LayerWeights, batch: LoraBatch, x, y, distinct: int):
+def strategies(c: BenchConfig, w: LayerWeights, batch: LoraBatch, x, y, distinct: int, plan: bool = False):
     """(name, call, unique weight bytes) of every column.
 
     On CUDA also the cuBLAS forms that the Triton kernels should beat: single LoRA as two
     torch GEMMs, and the compressed layer with its dense steps in cuBLAS. On CPU per-lora has one
-    (PyTorch) path.
+    (PyTorch) path. With `plan`, only the Triton columns of a GPU run, called through the Triton
+    wrappers whatever the device (their launches are captured, not run).
     """
-    cuda = c.device == "cuda"
+    gpu, backend = c.device == "cuda" or plan, "triton" if plan else "auto"
+    cublas = c.device == "cuda" and not plan
     lora_bytes = c.rank * (c.d_in + c.d_out) * c.elem
     out = torch.empty_like(y)
-    yield "base_gemm", lambda: torch.mm(x, w.W.T, out=out), c.d_in * c.d_out * c.elem
-    yield "single", lambda: lora_single(x, y, w.A[0], w.B[0], 1.0), lora_bytes
-    if cuda:
+    if not plan:
+        yield "base_gemm", lambda: torch.mm(x, w.W.T, out=out), c.d_in * c.d_out * c.elem
+    yield "single", lambda: lora_single(x, y, w.A[0], w.B[0], 1.0, backend=backend), lora_bytes
+    if cublas:
         yield "single_cublas", lambda: y.addmm_(x @ w.A[0].T, w.B[0].T), lora_bytes
-    for v in ("sgmv", "bgmv") if cuda else ("auto",):
+    for v in ("sgmv", "bgmv") if gpu else ("auto",):
         name = "per_lora" if v == "auto" else f"per_lora_{v}"
-        yield name, (lambda v=v: lora_per_lora(x, y, w.A, w.B, w.scales, batch, variant=v)), distinct * lora_bytes
+        yield name, (lambda v=v: lora_per_lora(x, y, w.A, w.B, w.scales, batch, variant=v, backend=backend)), \
+            distinct * lora_bytes
 
     def paged():
-        return lora_paged(x, y, w.pool, w.a_pages, w.b_pages, w.ranks, w.scales, batch)
+        return lora_paged(x, y, w.pool, w.a_pages, w.b_pages, w.ranks, w.scales, batch, backend=backend)
 
     yield "paged", paged, distinct * lora_bytes
     for width, (U, V, S, cluster_of) in w.compressed.items():
         nbytes = (width * (c.d_in + c.d_out) + distinct * width * width) * c.elem
-        yield (f"compressed_R{width}", (lambda U=U, V=V, S=S, k=cluster_of: lora_compressed(x, y, U, V, S, k, batch)),
-               nbytes)
-        if cuda and width == c.widths[0]:
+        yield (f"compressed_R{width}",
+               (lambda U=U, V=V, S=S, k=cluster_of: lora_compressed(x, y, U, V, S, k, batch, backend=backend)), nbytes)
+        if cublas and width == c.widths[0]:
             from lorabench.kernels.compressed import compressed_lora
 
-            def cublas(U=U, V=V, S=S, k=cluster_of):
+            def cublas_dense(U=U, V=V, S=S, k=cluster_of):
                 return compressed_lora(x, y, U, V, S, k, batch, dense="torch")
 
-            yield f"compressed_R{width}_cublas", cublas, nbytes
+            yield f"compressed_R{width}_cublas", cublas_dense, nbytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch plan (no GPU needed)
+
+
+def plan_grid(config: BenchConfig, arch: int = 90) -> pd.DataFrame:
+    """Every Triton launch of the grid's GPU columns, compiled for sm_<arch> as the GPU's JIT would
+    specialize it: one row per (M, N, strategy, kernel) with its grid, blocks, registers, spills,
+    whether its loads are pipelined and which tensor-core instructions it uses."""
+    from lorabench.kernels import aot
+
+    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    compiled: dict[str, dict] = {}
+    rows, weights = [], None
+    points = [(m, n) for n in config.grid_n for m in config.grid_m]
+    for m, n in tqdm(points, desc="bench-kernels --plan", unit="point"):
+        if weights is None or weights.n != n:
+            weights = None
+            weights = LayerWeights.make(config, n, gen)
+        batch = LoraBatch.build(testing.zipf_ids(m, n, config.alpha, gen))
+        x = torch.randn(m, config.d_in, dtype=config.dtype)
+        y = torch.zeros(m, config.d_out, dtype=config.dtype)
+        for name, call, _ in strategies(config, weights, batch, x, y, batch.num_segments, plan=True):
+            with aot.captured_launches() as launches:
+                call()
+            for launch in launches:
+                key = aot.launch_key(launch)
+                if key not in compiled:
+                    compiled[key] = aot.compile_launch(launch, arch)
+                # the same binary serves launches of other grids: take this launch's own
+                row = {**compiled[key], "grid": "x".join(map(str, launch.grid)), "programs": launch.programs}
+                rows.append(dict(M=m, N=n, distinct=batch.num_segments, strategy=name, **row))
+    return pd.DataFrame(rows)
+
+
+def print_plan(plan: pd.DataFrame) -> None:
+    """The distinct compiled kernels, then the launches and programs of each call (the CSV has both)."""
+    kernels = plan.drop_duplicates(["kernel", "blocks", "num_warps"])[
+        ["kernel", "blocks", "num_warps", "registers", "stack_bytes", "pipelined_loads", "tensor_cores"]]
+    per_call = plan.groupby(["M", "N", "strategy"], sort=False).agg(
+        launches=("kernel", "size"), programs=("programs", "sum"))
+    with pd.option_context("display.width", 250, "display.max_rows", 1000, "display.max_colwidth", 60):
+        print(f"compiled for {plan.arch.iloc[0]} ({plan.versions.iloc[0]}), as the GPU's JIT specializes them:")
+        print(kernels.to_string(index=False))
+        print("\nprograms per call (launches: single, per-lora and paged 2, compressed 3):")
+        print(per_call.programs.unstack("strategy").to_string())
+    spills = plan[plan.stack_bytes > 0]
+    print(f"\n{len(kernels)} compiled kernels, {len(plan)} launches; "
+          + ("no spills" if spills.empty else f"{len(spills)} launches spill registers"))
 
 
 # ---------------------------------------------------------------------------------------------
