@@ -46,7 +46,7 @@ def read_table(path: Path) -> pd.DataFrame:
     try:
         table = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise LorabenchError(f"--check-targets {path}: not a CSV ({err})") from None
+        raise LorabenchError(f"--check-targets {path}: not a CSV ({' '.join(str(err).split())})") from None
     missing = [c for c in TABLE_COLUMNS if c not in table.columns]
     if missing:
         raise LorabenchError(f"--check-targets {path}: not a bench-kernels table (no column {', '.join(missing)})")
