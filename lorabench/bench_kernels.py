@@ -34,9 +34,9 @@ from tqdm import tqdm
 
 from lorabench import kernel_targets
 from lorabench.errors import LorabenchError
-from lorabench.results import write_csv_atomic
 from lorabench.kernels import LoraBatch, lora_compressed, lora_paged, lora_per_lora, lora_single, testing
 from lorabench.kernels.common import interpreting as kernel_interpreting
+from lorabench.results import write_csv_atomic
 
 GPU_GRID_M = (1, 16, 64, 256, 1024)
 GPU_GRID_N = (1, 8, 64, 512, 1024)
@@ -119,8 +119,7 @@ def main(args: argparse.Namespace) -> int:
         device=device_name,
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         versions=f"torch {torch.__version__}, triton {_triton_version()}",
-        command=f"lorabench bench-kernels --m {','.join(map(str, config.grid_m))} --n {','.join(map(str, config.grid_n))}"
-        f" --d {config.d_in} --seed {config.seed}" + (" --device-check" if args.device_check else ""),
+        command=_command(config, "--device-check" if args.device_check else ""),
     )
     out = args.out or Path("results/kernels") / f"{_slug(device_name)}.csv"
 
@@ -150,6 +149,7 @@ def plan_main(config: BenchConfig, args: argparse.Namespace) -> int:
     plan = plan_grid(config)
     plan.insert(0, "arch", "sm_90")
     plan["versions"] = f"torch {torch.__version__}, triton {_triton_version()}"
+    plan["command"] = _command(config, "--plan")
     out = args.out or Path("results/kernels/plan-sm90.csv")
     write_csv_atomic(out, plan)
     print_plan(plan)
@@ -473,6 +473,12 @@ def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
     if any(v < 1 for v in values):
         raise LorabenchError(f"{flag} values must be >= 1, got {text!r}")
     return values
+
+
+def _command(config: BenchConfig, flag: str) -> str:
+    """The bench-kernels command line that reproduces a table of `config`."""
+    return (f"lorabench bench-kernels {flag + ' ' if flag else ''}--m {','.join(map(str, config.grid_m))} "
+            f"--n {','.join(map(str, config.grid_n))} --d {config.d_in} --seed {config.seed}")
 
 
 def _triton_version() -> str:
