@@ -95,27 +95,27 @@ def specialize(launch: Launch) -> tuple[dict, dict, dict, dict]:
     return signature, constexprs, attrs, options
 
 
-def compile_launch(launch: Launch, arch: int = 90) -> dict:
-    """Compile a captured launch for sm_<arch>: its resources and what the compiler made of it."""
+def compile_launch(launch: Launch, arch: int = 90, binaries: dict | None = None) -> dict:
+    """Compile a captured launch for sm_<arch>: its grid, its resources and what the compiler made of
+    it. `binaries` (specialization -> compiled row) lets launches that share a binary compile once."""
     signature, constexprs, attrs, options = specialize(launch)
-    source = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-    ptx = kernel.asm["ptx"]
-    blocks = {k: v for k, v in constexprs.items() if k.isupper() and k != "DOT_PRECISION"}
-    return dict(
-        kernel=launch.kernel.__name__, grid="x".join(map(str, launch.grid)), programs=launch.programs,
-        blocks=" ".join(f"{k}={v}" for k, v in blocks.items()), **options, **_resources(kernel.asm["cubin"]),
-        # cp.async (or TMA) copies are what software pipelining of a loop's loads compiles to
-        pipelined_loads=bool(re.search(r"cp\.async\.(ca|cg|bulk)", ptx)),
-        tensor_cores="wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "none",
-    )
-
-
-def launch_key(launch: Launch) -> str:
-    """Launches with equal keys compile to the same binary."""
-    signature, constexprs, attrs, options = specialize(launch)
-    return repr((launch.kernel.__name__, sorted(signature.items()), sorted(map(str, constexprs.items())),
-                 sorted(attrs.items()), sorted(options.items())))
+    key = repr((launch.kernel.__name__, sorted(signature.items()), sorted(map(str, constexprs.items())),
+                sorted(attrs.items()), sorted(options.items())))
+    binaries = {} if binaries is None else binaries
+    if key not in binaries:
+        source = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+        ptx = kernel.asm["ptx"]
+        blocks = {k: v for k, v in constexprs.items() if k.isupper() and k != "DOT_PRECISION"}
+        pointers = [t[1:] for t in signature.values() if t.startswith("*") and t[1:] not in ("fp32", "i32", "i64")]
+        binaries[key] = dict(
+            kernel=launch.kernel.__name__, dtype=pointers[0] if pointers else "fp32",
+            blocks=" ".join(f"{k}={v}" for k, v in blocks.items()), **options, **_resources(kernel.asm["cubin"]),
+            # cp.async (or TMA) copies are what software pipelining of a loop's loads compiles to
+            pipelined_loads=bool(re.search(r"cp\.async\.(ca|cg|bulk)", ptx)),
+            tensor_cores="wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "none",
+        )
+    return dict(binaries[key], grid="x".join(map(str, launch.grid)), programs=launch.programs)
 
 
 def shape_launches(dtype: torch.dtype, rank: int, block_m: int, seed: int = 0) -> list[tuple[str, Launch]]:
@@ -151,18 +151,13 @@ def shape_launches(dtype: torch.dtype, rank: int, block_m: int, seed: int = 0) -
 
 def compile_all(arch: int = 90, dtypes=tuple(DTYPES), block_ms=(16, 32, 64), ranks=(16, 128)) -> list[dict]:
     """Compile every distinct launch of the wrappers over dtypes x ranks x tile heights: one dict each."""
-    rows, seen = [], set()
+    binaries: dict = {}
     for name in dtypes:
         for rank in ranks:
             for block_m in block_ms:
                 for _, launch in shape_launches(DTYPES[name], rank, block_m):
-                    key = launch_key(launch)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    row = compile_launch(launch, arch)
-                    rows.append(dict(dtype=name, **{k: v for k, v in row.items() if k not in ("grid", "programs")}))
-    return rows
+                    compile_launch(launch, arch, binaries)
+    return list(binaries.values())
 
 
 def _resources(cubin: bytes) -> dict:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from lorabench import kernel_targets
 from lorabench.errors import LorabenchError
-from lorabench.kernels import LoraBatch, lora_compressed, lora_paged, lora_per_lora, lora_single, testing
+from lorabench.kernels import HAVE_TRITON, LoraBatch, lora_compressed, lora_paged, lora_per_lora, lora_single, testing
 from lorabench.kernels.common import interpreting as kernel_interpreting
 from lorabench.results import write_csv_atomic
 
@@ -123,13 +123,12 @@ def main(args: argparse.Namespace) -> int:
     )
     out = args.out or Path("results/kernels") / f"{_slug(device_name)}.csv"
 
-    def save(table: pd.DataFrame) -> pd.DataFrame:
-        table = table.assign(**provenance)[["device", *table.columns, "date", "versions", "command"]]
-        write_csv_atomic(out, table)
-        return table
+    def stamped(table: pd.DataFrame) -> pd.DataFrame:
+        return table.assign(**provenance)[["device", *table.columns, "date", "versions", "command"]]
 
-    # Rewritten after every point, so an interrupted or timed-out GPU run keeps what it measured.
-    table = save(run_grid(config, on_point=save))
+    # Written after every point (the last write holds the whole grid), so an interrupted or timed-out
+    # GPU run keeps what it measured.
+    table = stamped(run_grid(config, on_point=lambda part: write_csv_atomic(out, stamped(part))))
     print_tables(table, cuda)
     print(f"\nwrote {out}")
     if cuda:
@@ -140,10 +139,8 @@ def main(args: argparse.Namespace) -> int:
 def plan_main(config: BenchConfig, args: argparse.Namespace) -> int:
     if args.device_check:
         raise LorabenchError("--plan compiles without a GPU; --device-check needs one: pass only one of them")
-    try:
-        from lorabench.kernels import aot  # noqa: F401 - triton, and its ptxas, are what --plan needs
-    except ImportError as err:
-        raise LorabenchError(f"--plan needs triton ({err})") from None
+    if not HAVE_TRITON:
+        raise LorabenchError("--plan compiles the Triton kernels: install triton (Linux x86_64)")
     if kernel_interpreting():
         raise LorabenchError("--plan compiles the kernels: unset TRITON_INTERPRET")
     plan = plan_grid(config)
@@ -177,26 +174,47 @@ def _print_targets_if_covered(table: pd.DataFrame, device: str) -> None:
 # The grid
 
 
+@dataclass
+class GridPoint:
+    """One (M, N) point of the grid: the layer's weights for N adapters, a batch drawn over them."""
+
+    m: int
+    n: int
+    weights: LayerWeights
+    batch: LoraBatch
+    x: torch.Tensor  # (M, d_in)
+    y: torch.Tensor  # (M, d_out)
+
+    @property
+    def distinct(self) -> int:
+        return self.batch.num_segments
+
+
+def grid_points(config: BenchConfig, desc: str):
+    """The grid's points in order (N outer, so one set of weights serves every M), with a progress bar."""
+    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    weights = None
+    points = [(m, n) for n in config.grid_n for m in config.grid_m]
+    for m, n in tqdm(points, desc=desc, unit="point"):
+        if weights is None or weights.n != n:
+            weights = None  # free the last set first
+            weights = LayerWeights.make(config, n, gen)
+        batch = LoraBatch.build(testing.zipf_ids(m, n, config.alpha, gen).to(config.device))
+        x = torch.randn(m, config.d_in, dtype=config.dtype, device=config.device)
+        y = torch.randn(m, config.d_out, dtype=config.dtype, device=config.device)
+        yield GridPoint(m, n, weights, batch, x, y)
+
+
 def run_grid(config: BenchConfig, on_point: Callable[[pd.DataFrame], object] | None = None) -> pd.DataFrame:
     """One row per (M, N, strategy, mode): median microseconds and fraction of copy bandwidth.
     `on_point` gets the table so far after every (M, N) point."""
     copy_bw = copy_bandwidth(config.device)
     rows = []
-    points = [(m, n) for n in config.grid_n for m in config.grid_m]
-    gen = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
-    weights = None
-    for m, n in tqdm(points, desc="bench-kernels", unit="point"):
-        if weights is None or weights.n != n:
-            weights = None  # free the last set first
-            weights = LayerWeights.make(config, n, gen)  # one set per N, shared by every M
-        ids = testing.zipf_ids(m, n, config.alpha, gen)
-        batch = LoraBatch.build(ids.to(config.device))
-        distinct = batch.num_segments
+    for p in grid_points(config, "bench-kernels"):
+        m, n, distinct = p.m, p.n, p.distinct
         adapter_bytes = distinct * config.rank * (config.d_in + config.d_out) * config.elem
-        x = torch.randn(m, config.d_in, dtype=config.dtype, device=config.device)
-        y = torch.randn(m, config.d_out, dtype=config.dtype, device=config.device)
-        for name, call, nbytes in strategies(config, weights, batch, x, y, distinct):
+        for name, call, nbytes in strategies(config, p.weights, p.batch, p.x, p.y, distinct):
             try:
                 times, error = time_call(call, config.device), ""
             except Exception as err:  # noqa: BLE001 - one failing strategy must not lose the rest of a GPU run
@@ -306,28 +324,14 @@ def plan_grid(config: BenchConfig, arch: int = 90) -> pd.DataFrame:
     whether its loads are pipelined and which tensor-core instructions it uses."""
     from lorabench.kernels import aot
 
-    gen = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
-    compiled: dict[str, dict] = {}
-    rows, weights = [], None
-    points = [(m, n) for n in config.grid_n for m in config.grid_m]
-    for m, n in tqdm(points, desc="bench-kernels --plan", unit="point"):
-        if weights is None or weights.n != n:
-            weights = None
-            weights = LayerWeights.make(config, n, gen)
-        batch = LoraBatch.build(testing.zipf_ids(m, n, config.alpha, gen))
-        x = torch.randn(m, config.d_in, dtype=config.dtype)
-        y = torch.zeros(m, config.d_out, dtype=config.dtype)
-        for name, call, _ in strategies(config, weights, batch, x, y, batch.num_segments, plan=True):
+    binaries: dict = {}  # each distinct specialization compiles once
+    rows = []
+    for p in grid_points(config, "bench-kernels --plan"):
+        for name, call, _ in strategies(config, p.weights, p.batch, p.x, p.y, p.distinct, plan=True):
             with aot.captured_launches() as launches:
                 call()
-            for launch in launches:
-                key = aot.launch_key(launch)
-                if key not in compiled:
-                    compiled[key] = aot.compile_launch(launch, arch)
-                # the same binary serves launches of other grids: take this launch's own
-                row = {**compiled[key], "grid": "x".join(map(str, launch.grid)), "programs": launch.programs}
-                rows.append(dict(M=m, N=n, distinct=batch.num_segments, strategy=name, **row))
+            rows += [dict(M=p.m, N=p.n, distinct=p.distinct, strategy=name, **aot.compile_launch(launch, arch, binaries))
+                     for launch in launches]
     return pd.DataFrame(rows)
 
 

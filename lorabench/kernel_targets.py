@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from lorabench.errors import LorabenchError
+from lorabench.kernels import BGMV_MAX_TOKENS
 
 BANDWIDTH_FRACTION = 0.30
 BANDWIDTH_POINT = (1024, 1024)
@@ -55,8 +56,6 @@ def read_table(path: Path) -> pd.DataFrame:
 
 def per_lora_variant(m: int) -> str:
     """The per-lora column that `lora_per_lora(variant="auto")` runs for a batch of m tokens."""
-    from lorabench.kernels import BGMV_MAX_TOKENS
-
     return "per_lora_bgmv" if m <= BGMV_MAX_TOKENS else "per_lora_sgmv"
 
 

@@ -203,7 +203,8 @@ def run_sweep(
         bar.close()
 
     table = collect(out, n_loras)
-    write_csv_atomic(out / "sweep.csv", table)
+    if not todo:  # nothing ran, so `finished` wrote nothing: a rerun of a finished sweep
+        write_csv_atomic(out / "sweep.csv", table)
     return table
 
 
