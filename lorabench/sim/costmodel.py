@@ -135,6 +135,8 @@ class ModeledExecutor:
         self._kernel_s = device.launch_overhead_s  # fixed cost of one base-model kernel
         self._flops_rate = device.bf16_flops * self.eff.gemm_flops
         self._byte_rate = device.mem_bandwidth * self.eff.memory
+        self._attention_flops_rate = device.bf16_flops * self.eff.attention_flops
+        self._attention_byte_rate = device.mem_bandwidth * self.eff.attention_memory
         h, kv, inter = model.hidden, model.kv_dim, model.intermediate
         # Base GEMMs of one layer as (d_in, d_out), fused as serving engines run them.
         self._gemms = ((h, h + 2 * kv), (h, h), (h, 2 * inter), (inter, h))
@@ -142,7 +144,11 @@ class ModeledExecutor:
         self._uniform_rank = len(np.unique(lora.ranks)) == 1
         self._max_rank = int(lora.ranks.max())
         self._n_clusters = 1 if lora.clusters is None else int(lora.clusters.max()) + 1
+        # Per adapter, as lists: read for a batch's few distinct adapters at a time.
+        self._rank_of = lora.ranks.tolist()
+        self._cluster_of = None if lora.clusters is None else lora.clusters.tolist()
         self._memo: dict[tuple, float] = {}
+        self._batch_figure: tuple = (None, 0)  # (batch_id, value) of `_of_batch`
 
     # --- roofline pieces ------------------------------------------------------------------
 
@@ -157,7 +163,8 @@ class ModeledExecutor:
     def _dense_part(self, tokens: int, rows: int) -> float:
         """Everything but attention and LoRA, for `tokens` tokens and `rows` sequences (LM head)."""
         key = ("dense", tokens, rows)
-        if key not in self._memo:
+        seconds = self._memo.get(key)
+        if seconds is None:
             h, b, e = self.model.hidden, self.dtype_bytes, self.eff
             layer = sum(self._gemm(tokens, d_in, d_out, self._kernel_s) for d_in, d_out in self._gemms)
             # Elementwise kernels each read and write about a hidden-sized row per token (SiLU-mul
@@ -165,23 +172,19 @@ class ModeledExecutor:
             elementwise = (4 * tokens * h * b + 3 * tokens * self.model.intermediate * b) / self._byte_rate
             layer += elementwise + e.elementwise_kernels * self._kernel_s
             head = self._gemm(rows, h, self.model.vocab, self._kernel_s)
-            self._memo[key] = self.model.layers * layer + head + e.step_overhead_s
-        return self._memo[key]
+            seconds = self._memo[key] = self.model.layers * layer + head + e.step_overhead_s
+        return seconds
 
     def _attention(self, step: Step) -> float:
-        """One layer's attention: query-key pairs of every row (a prefill chunk of c tokens ending at
-        context n attends c (n - (c - 1) / 2) pairs) and the KV bytes it reads."""
-        context = float(step.context_lens.sum())
-        if step.num_tokens == step.batch_size:  # decode only: one query per row
-            pairs = context
-        else:
-            pairs = float((step.tokens * (step.context_lens - (step.tokens - 1) * 0.5)).sum())
+        """One layer's attention: the query-key pairs of every row (see `Step`) and the KV bytes it reads."""
+        return self._attention_of(float(step.context_sum), step.twice_attention_pairs / 2)
+
+    def _attention_of(self, context, pairs, maximum=max):
+        """`_attention` from the batch's total context and query-key pairs: floats, or arrays of them
+        with `maximum=np.maximum` (the same operations in the same order, so the same values)."""
         kv_bytes = context * 2 * self.model.kv_dim * self.dtype_bytes
         flops = 4.0 * self.model.hidden * pairs
-        return max(
-            flops / (self.device.bf16_flops * self.eff.attention_flops),
-            kv_bytes / (self.device.mem_bandwidth * self.eff.attention_memory),
-        ) + self._kernel_s
+        return maximum(flops / self._attention_flops_rate, kv_bytes / self._attention_byte_rate) + self._kernel_s
 
     # --- LoRA per strategy ------------------------------------------------------------------
 
@@ -189,14 +192,12 @@ class ModeledExecutor:
         """LoRA time of one layer (all target modules)."""
         m, strategy = step.num_tokens, self.lora.strategy
         if strategy == "compressed":
-            present = 1
-            if self._n_clusters > 1:  # clusters the batch touches
-                touched = np.bincount(self.lora.clusters[step.adapters], minlength=self._n_clusters)
-                present = int(np.count_nonzero(touched))
+            present = self._of_batch(step, self._clusters_present) if self._n_clusters > 1 else 1
             key = (m, present, step.distinct_adapters)
-            if key not in self._memo:
-                self._memo[key] = self._compressed(m, present, step.distinct_adapters)
-            return self._memo[key]
+            seconds = self._memo.get(key)
+            if seconds is None:
+                seconds = self._memo[key] = self._compressed(m, present, step.distinct_adapters)
+            return seconds
         if strategy == "single":
             segments, rank, rank_sum = 1, self._max_rank, self._max_rank
         else:
@@ -204,12 +205,26 @@ class ModeledExecutor:
             if self._uniform_rank or strategy == "per-lora":  # per-lora slots are padded to max_lora_rank
                 rank, rank_sum = self._max_rank, segments * self._max_rank
             else:
-                rank_sum = int(self.lora.ranks[np.unique(step.adapters)].sum())
+                rank_sum = self._of_batch(step, self._rank_sum)
                 rank = rank_sum / segments
         key = (m, segments, rank_sum)
-        if key not in self._memo:
-            self._memo[key] = self._segmented(m, segments, rank, rank_sum, strategy)
-        return self._memo[key]
+        seconds = self._memo.get(key)
+        if seconds is None:
+            seconds = self._memo[key] = self._segmented(m, segments, rank, rank_sum, strategy)
+        return seconds
+
+    def _clusters_present(self, adapter_ids: frozenset[int]) -> int:
+        return len({self._cluster_of[a] for a in adapter_ids})
+
+    def _rank_sum(self, adapter_ids: frozenset[int]) -> int:
+        return sum(self._rank_of[a] for a in adapter_ids)
+
+    def _of_batch(self, step: Step, figure) -> int:
+        """figure(the batch's distinct adapter ids), computed once per batch (`Step.batch_id`). A
+        strategy needs one such figure (compressed: clusters present; paged, mixed ranks: rank sum)."""
+        if step.batch_id is None or step.batch_id != self._batch_figure[0]:
+            self._batch_figure = (step.batch_id, figure(step.adapter_ids))
+        return self._batch_figure[1]
 
     def _compressed(self, m: int, present: int, distinct: int) -> float:
         """x @ V, the per-token S_i product, @ U^T, for `present` clusters and `distinct` adapters."""
@@ -248,8 +263,23 @@ class ModeledExecutor:
     def step(self, step: Step) -> float:
         if step.batch_size == 0:
             return 0.0
-        layers = self.model.layers * (self._attention(step) + self._lora(step))
-        return (self._dense_part(step.num_tokens, step.batch_size) + layers) * self.eff.step_scale
+        return self._step_time(self._dense_part(step.num_tokens, step.batch_size), self._attention(step),
+                               self._lora(step))
+
+    def repeat_decode(self, step: Step, count: int) -> list[float]:
+        """Durations of the `count` decode iterations that follow the decode-only `step`, each with
+        every context one token longer: equal, bit for bit, to calling `step` on each (the engine
+        uses it to apply a run of identical iterations at once)."""
+        dense, lora = self._dense_part(step.num_tokens, step.batch_size), self._lora(step)
+        if count <= 32:  # a few: Python floats cost less than numpy's per-call overhead
+            contexts = [float(step.context_sum + step.batch_size * j) for j in range(1, count + 1)]
+            return [self._step_time(dense, self._attention_of(c, c), lora) for c in contexts]
+        contexts = (step.context_sum + step.batch_size * np.arange(1, count + 1)).astype(np.float64)
+        return self._step_time(dense, self._attention_of(contexts, contexts, np.maximum), lora).tolist()
+
+    def _step_time(self, dense, attention, lora):
+        """A step from its dense part and one layer's attention and LoRA (floats or arrays)."""
+        return (dense + self.model.layers * (attention + lora)) * self.eff.step_scale
 
     def load(self, nbytes: int, copies: int = 1) -> float:
         return (nbytes / self.device.host_link_bandwidth + copies * self.device.copy_latency_s) * self.eff.load_scale

@@ -5,8 +5,10 @@ adapter loads, run the step (its duration from the executor), apply it. Prefetch
 timeouts on the host->GPU link (copies serialize on it) that wake the replica when it idles.
 
 Events are per batch, never per token: a run of decode-only iterations in which no request
-finishes, no request arrives and no load lands is applied at once (`iterations` > 1 in the step
-record; each iteration still gets its own executor call, with the context grown by one).
+finishes, no request arrives and no load lands is one SimPy event and one step record
+(`iterations` > 1). Each iteration still has its own duration, with the context grown by one: an
+executor that can (`repeat_decode`, the modeled one) gives them all in one call, others are asked
+once per iteration.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import simpy
 
 from lorabench.sim.executor import Executor, Step
 from lorabench.sim.memory import AdapterCache, KVCache, MemoryPlan, Pool
-from lorabench.sim.scheduler import BLOCKS, CTX, OUT_LEFT, Scheduler, SchedulerConfig
+from lorabench.sim.scheduler import Scheduler, SchedulerConfig
 from lorabench.strategies import Strategy
 from lorabench.workload import Requests
 
@@ -81,8 +83,8 @@ class Replica:
         self.loads = 0
         self.load_bytes = 0
         self.load_stall_s = 0.0
-        self.peak = {"kv": 0, "adapters": 0, "total": 0}
-        self.rows: dict[str, list] = {f: [] for f in STEP_FIELDS}
+        self.peak_kv = self.peak_adapters = self.peak_total = 0
+        self.rows: list[tuple] = []  # one per step record, values in STEP_FIELDS order
 
     # --- loads ----------------------------------------------------------------------------
 
@@ -132,33 +134,37 @@ class Replica:
         """Record peaks; returns the bytes in use now (weights + KV + adapters)."""
         kv, adapters = self.kv.used, self.cache.used + self.plan.shared_bytes
         total = self.plan.weights + kv + adapters
-        peak = self.peak
-        peak["kv"] = max(peak["kv"], kv)
-        peak["adapters"] = max(peak["adapters"], adapters)
-        peak["total"] = max(peak["total"], total)
+        if kv > self.peak_kv:
+            self.peak_kv = kv
+        if adapters > self.peak_adapters:
+            self.peak_adapters = adapters
+        if total > self.peak_total:
+            self.peak_total = total
         return total
 
     def _process(self):
-        env, s = self.env, self.sched
+        env, s, record = self.env, self.sched, self.rows.append
+        preempt = self.cfg.kv_policy == "preempt"
         while not s.done:
             s.take_arrivals(env.now)
             to_load = s.admit()
-            stall = self._sync_loads()
+            stall = self._sync_loads() if s.sync_loads else 0.0
             if to_load:
                 self._prefetch(to_load)
-            if self.cfg.kv_policy == "preempt" and s.num_running:
+            if preempt and s.num_running:
                 s.grow_kv()
             memory = self._note_memory()
             if s.num_running == 0:
                 yield from self._idle()
                 continue
-            step, rows = s.build_step()
-            iterations, duration = self._iterations(step, rows)
+            step = s.build_step()
+            iterations, duration = self._iterations(step)
             start = env.now
             yield env.timeout(stall + duration)
             done_before = s.completed
-            s.complete(step, rows, env.now, iterations)
-            self._record(start, stall + duration, step, iterations, memory)
+            s.complete(step, env.now, iterations)
+            record((start, stall + duration, step.batch_size, step.num_tokens * iterations, step.prefill_tokens,
+                    step.distinct_adapters, memory / 2**30, iterations))
             if self.progress is not None and s.completed > done_before:
                 self.progress.update(s.completed - done_before)
 
@@ -184,36 +190,34 @@ class Replica:
         if env.now >= nxt - 1e-9:  # woken for that arrival: take it even if float rounding fell short
             s.take_arrivals(nxt)
 
-    def _iterations(self, step: Step, rows) -> tuple[int, float]:
-        """How many identical decode iterations to apply at once, and their total duration."""
+    def _iterations(self, step: Step) -> tuple[int, float]:
+        """How many identical decode iterations to apply at once, and their total duration: as many
+        as fit before the next arrival, stopping at the first that finishes a request."""
         first = self.executor.step(step)
         s = self.sched
-        if rows is not None or self.inflight or s.prefilling:
+        if self.inflight or s.prefilling:
             return 1, first
-        st = s.state
-        k_max = int(st[:, OUT_LEFT].min())
+        k_max = s.decode_iterations_left()
         if self.cfg.kv_policy == "preempt":  # stay within the blocks every row holds now
-            k_max = min(k_max, int((st[:, BLOCKS] * self.kv.block_size - st[:, CTX]).min()))
+            k_max = min(k_max, s.decode_headroom())
         next_arrival = s.next_arrival_s()
         now = self.env.now
-        t, k = now + first, 1
-        ctx = step.context_lens
+        k, t = 1, now + first
+        repeat = getattr(self.executor, "repeat_decode", None)
+        # Each later iteration takes at least `first` (contexts only grow): a bound on how many can
+        # start before the next arrival, so the executor is asked for few durations that go unused.
+        guess = int((next_arrival - t) / first) + 2 if first > 0 and next_arrival < np.inf else k_max
         while k < k_max and t < next_arrival:
-            t += self.executor.step(Step(step.strategy, step.tokens, ctx + k, step.adapters, step.is_prefill,
-                                         step.distinct_adapters))
-            k += 1
+            if repeat is None:  # one executor call per iteration
+                durations = (self.executor.step(step.decoded(k)),)
+            else:
+                durations = repeat(step.decoded(k - 1), min(k_max - k, guess))
+            for d in durations:
+                t += d
+                k += 1
+                if t >= next_arrival:
+                    break
         return k, t - now
-
-    def _record(self, start: float, duration: float, step: Step, iterations: int, memory: int) -> None:
-        r = self.rows
-        r["start_s"].append(start)
-        r["duration_s"].append(duration)
-        r["batch_size"].append(step.batch_size)
-        r["tokens"].append(step.num_tokens * iterations)
-        r["prefill_tokens"].append(step.prefill_tokens)
-        r["distinct_adapters"].append(step.distinct_adapters)
-        r["memory_gib"].append(memory / 2**30)
-        r["iterations"].append(iterations)
 
     def run(self) -> RunResult:
         self.env.process(self._process())
@@ -223,9 +227,13 @@ class Replica:
         return RunResult(
             strategy=self.strategy.name, requests=self.requests,
             first_token_s=s.first_token_s, finish_s=s.finish_s,
-            steps={f: np.asarray(v) for f, v in self.rows.items()}, plan=self.plan,
+            steps=self._step_columns(), plan=self.plan,
             adapter_loads=self.loads, adapter_load_bytes=self.load_bytes, load_stall_s=self.load_stall_s,
-            adapter_hit_rate=hit, peak_kv_bytes=self.peak["kv"], peak_adapter_bytes=self.peak["adapters"],
-            peak_total_bytes=self.peak["total"], kv_capacity_bytes=self.kv.pool.capacity,
+            adapter_hit_rate=hit, peak_kv_bytes=self.peak_kv, peak_adapter_bytes=self.peak_adapters,
+            peak_total_bytes=self.peak_total, kv_capacity_bytes=self.kv.pool.capacity,
             preemptions=s.preemptions,
         )
+
+    def _step_columns(self) -> dict[str, np.ndarray]:
+        columns = zip(*self.rows) if self.rows else ([] for _ in STEP_FIELDS)
+        return {f: np.array(column) for f, column in zip(STEP_FIELDS, columns)}

@@ -7,6 +7,7 @@ pool (adapters evicted to make room for KV); the others give adapters a fixed pa
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -97,40 +98,59 @@ def plan_memory(strategy: Strategy, weights: int, device_bytes: int, utilization
 class AdapterCache:
     """Adapters resident on the GPU, evicted least recently used among those no running request uses.
 
-    `in_use[a]` counts running requests on adapter a (owned by the scheduler); an adapter being
-    loaded is also pinned. The host cache (vLLM's max_cpu_loras) is an LRU of adapters in host
-    memory; a miss there reads the adapter from storage first.
+    `in_use[a]` counts running requests on adapter a: the scheduler pins an adapter for each
+    (`pin`, `unpin`); an adapter being loaded is pinned too. Evictable adapters (resident, unpinned,
+    loaded) wait in a heap by when they were last used (placed, or admitted a request), so an
+    eviction costs no scan of the pinned ones. The host cache (vLLM's max_cpu_loras) is an LRU of
+    adapters in host memory; a miss there reads the adapter from storage first.
     """
 
     def __init__(self, pool: Pool, strategy: Strategy, in_use: np.ndarray, host_slots: int | None,
                  preloaded: Iterable[int] = ()):
         self.pool, self.strategy, self.in_use = pool, strategy, in_use
-        self.lru: OrderedDict[int, int] = OrderedDict()  # resident adapter -> bytes, least recent first
         n = len(strategy.adapter_bytes)
-        self.resident = np.zeros(n, dtype=bool)
-        self.loading = np.zeros(n, dtype=bool)  # resident but its copy has not landed yet
-        self.fresh = np.zeros(n, dtype=bool)  # copied in and not used by an admitted request yet
+        self._bytes = strategy.adapter_bytes.tolist()
+        # Flags per adapter, as lists: the scheduler reads them one adapter at a time.
+        self.resident = [False] * n
+        self.loading = [False] * n  # resident but its copy has not landed yet
+        self.fresh = [False] * n  # copied in and not used by an admitted request yet
+        self._clock = 0
+        self._last_used = [0] * n  # when it was last placed or admitted a request (a counter)
+        self._evictable: list[tuple[int, int]] = []  # heap of (last used, adapter); stale entries skipped
         self.host: OrderedDict[int, None] | None = None if host_slots is None else OrderedDict()
         self.host_slots = host_slots
         self.used = 0
         for a in preloaded:
             self._place(a)
+            self._may_evict(a)
+
+    def pin(self, a: int) -> None:
+        self.in_use[a] += 1
+
+    def unpin(self, a: int) -> None:
+        self.in_use[a] -= 1
+        self._may_evict(a)
 
     def touch(self, a: int) -> None:
-        self.lru.move_to_end(a)
+        """Adapter a (pinned) admitted a request."""
+        self._clock += 1
+        self._last_used[a] = self._clock
 
     def make_room(self, nbytes: int) -> bool:
         """Evict unpinned adapters, least recently used first, until `nbytes` are free."""
-        if nbytes <= self.pool.free:
+        free = self.pool.capacity - self.pool.used
+        if nbytes <= free:
             return True
-        victims, freed = [], 0
-        for a, size in self.lru.items():
-            if self.in_use[a] == 0 and not self.loading[a]:
-                victims.append(a)
-                freed += size
-                if self.pool.free + freed >= nbytes:
-                    break
-        if self.pool.free + freed < nbytes:
+        victims, freed = {}, 0  # adapter -> its entry (an adapter may sit in the heap twice)
+        while free + freed < nbytes and self._evictable:
+            entry = heapq.heappop(self._evictable)
+            a = entry[1]
+            if self._is_evictable(a) and self._last_used[a] == entry[0] and a not in victims:
+                victims[a] = entry
+                freed += self._bytes[a]
+        if free + freed < nbytes:
+            for entry in victims.values():
+                heapq.heappush(self._evictable, entry)
             return False
         for a in victims:
             self._evict(a)
@@ -138,8 +158,7 @@ class AdapterCache:
 
     def reserve(self, a: int) -> bool:
         """Make adapter a's GPU memory available and mark it loading; False when nothing evictable frees enough."""
-        size = int(self.strategy.adapter_bytes[a])
-        if not self.make_room(size):
+        if not self.make_room(self._bytes[a]):
             return False
         self._place(a)
         self.loading[a] = True
@@ -148,6 +167,7 @@ class AdapterCache:
 
     def loaded(self, a: int) -> None:
         self.loading[a] = False
+        self._may_evict(a)
 
     def host_miss(self, a: int) -> bool:
         """Whether adapter a must be read from storage first; updates the host LRU."""
@@ -161,15 +181,23 @@ class AdapterCache:
             self.host.popitem(last=False)
         return True
 
+    def _is_evictable(self, a: int) -> bool:
+        return self.resident[a] and not self.loading[a] and self.in_use[a] == 0
+
+    def _may_evict(self, a: int) -> None:
+        if self._is_evictable(a):
+            heapq.heappush(self._evictable, (self._last_used[a], a))
+
     def _place(self, a: int) -> None:
-        size = int(self.strategy.adapter_bytes[a])
+        size = self._bytes[a]
         self.pool.alloc(size)
         self.used += size
-        self.lru[a] = size
         self.resident[a] = True
+        self._clock += 1
+        self._last_used[a] = self._clock
 
     def _evict(self, a: int) -> None:
-        size = self.lru.pop(a)
+        size = self._bytes[a]
         self.resident[a] = False
         self.pool.release(size)
         self.used -= size
@@ -193,7 +221,8 @@ class KVCache:
 
     def can_alloc(self, blocks: int) -> bool:
         need = blocks * self.block_bytes
-        if need <= self.pool.free:
+        pool = self.pool
+        if need <= pool.capacity - pool.used:
             return True
         return self.adapters is not None and self.adapters.make_room(need)
 

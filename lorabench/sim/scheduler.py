@@ -12,12 +12,18 @@ for memory and nothing is ever preempted; "preempt" allocates as the context gro
 run out, preempts the most recently admitted request (its KV is dropped and recomputed later, as
 vLLM's recompute preemption).
 
-Running requests are rows of one int64 table (admission order; columns RID .. BLOCKS) so that a
-step costs a few vector operations whatever the batch size.
+Running requests are `Row`s in admission order: first the decoding ones, then the few still reading
+their prompt (rows read their prompts in admission order, so those are always the newest). A
+decoding row is kept relative to the iteration count T, so that a decode iteration changes no row:
+its context is `base + T`, and it emits its last token at iteration `end`; rows are listed under the
+iteration at which they finish (and, with the preempt policy, need their next KV block), and the
+totals a step needs are kept as running sums. A step then costs a few scalar updates whatever the
+batch size, and only what joins or leaves the batch costs work.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,9 +31,6 @@ import numpy as np
 from lorabench.sim.executor import Step
 from lorabench.sim.memory import AdapterCache, KVCache
 from lorabench.workload import Requests
-
-# Columns of the running-request table `Scheduler.state` (one row per running request, admission order).
-RID, ADAPTER, CTX, PROMPT_LEFT, OUT_LEFT, BLOCKS = range(6)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,50 @@ class SchedulerConfig:
     prefetch_ahead: int = 16  # prefetch for at least this many waiting requests (more when seats are free)
 
 
+class Row:
+    """A running request. While it reads its prompt, `ctx`, `prompt_left` and `out_left` are its own;
+    once decoding, its context is `base + T` and it emits its last token at iteration `end` (T is the
+    scheduler's iteration count), and with the preempt policy it needs another KV block at `grow_at`."""
+
+    __slots__ = ("rid", "adapter", "blocks", "ctx", "prompt_left", "out_left", "base", "end", "grow_at")
+
+    def __init__(self, rid: int, adapter: int, blocks: int, prompt: int, out_left: int):
+        self.rid, self.adapter, self.blocks = rid, adapter, blocks
+        self.ctx, self.prompt_left, self.out_left = 0, prompt, out_left
+
+
+class Due:
+    """Request ids listed under the iteration at which something happens to them."""
+
+    def __init__(self):
+        self.at: dict[int, list[int]] = {}
+        self._heap: list[int] = []  # iterations with a list, and some emptied since (skipped lazily)
+
+    def add(self, when: int, rid: int) -> None:
+        listed = self.at.get(when)
+        if listed is None:
+            self.at[when] = [rid]
+            heapq.heappush(self._heap, when)
+        else:
+            listed.append(rid)
+
+    def remove(self, when: int, rid: int) -> None:
+        listed = self.at[when]
+        listed.remove(rid)
+        if not listed:
+            del self.at[when]
+
+    def pop(self, when: int) -> list[int]:
+        return self.at.pop(when, [])
+
+    def first(self) -> int | float:
+        """The earliest iteration with a request listed (inf when none)."""
+        heap = self._heap
+        while heap and heap[0] not in self.at:
+            heapq.heappop(heap)
+        return heap[0] if heap else np.inf
+
+
 class Scheduler:
     def __init__(self, requests: Requests, adapters: np.ndarray, config: SchedulerConfig,
                  cache: AdapterCache, kv: KVCache, in_use: np.ndarray, strategy: str):
@@ -51,7 +98,12 @@ class Scheduler:
         self.strategy = strategy
         self.in_use = in_use  # running requests per adapter (shared with the cache)
         self.distinct = 0
+        self.active: set[int] = set()  # adapters of the running requests (len: distinct)
         n = len(requests)
+        # Per-request figures as Python lists: admission reads them one request at a time.
+        self._adapter = adapters.tolist()
+        self._prompt = requests.prompt_tokens.tolist()
+        self._output = requests.output_tokens.tolist()
         self.first_token_s = np.full(n, np.nan)
         self.finish_s = np.full(n, np.nan)
         self.admissions = 0
@@ -68,49 +120,73 @@ class Scheduler:
         self._seen = (-1, 0)  # (epoch, arrived) at the last admission pass
         self._blocked = False  # the last pass stopped at a request that must go first, or a full window
         self.arrived = 0  # requests 0 .. arrived-1 have arrived (ids are in arrival order)
+        self._arrival_s = requests.arrival_s.tolist()
+        self._next_arrival_s = self._arrival_s[0] if n else np.inf
         self.completed = 0
-        self.state = np.zeros((0, 6), dtype=np.int64)
-        self.prefilling = 0  # running requests still reading their prompt
+        # The running rows (see the module docstring) and the totals a step needs.
+        self.T = 0  # iterations applied
+        self.decoding: dict[int, Row] = {}  # request id -> row, in admission order
+        self.prefill: list[Row] = []  # rows still reading their prompt, in admission order
+        self.ends = Due()  # decoding rows by the iteration of their last token
+        self.grows = Due()  # preempt policy: decoding rows by the iteration they need another KV block
+        self.base_sum = 0  # sum of `base` over decoding rows
+        self.prompt_left = 0  # prompt tokens the prefill rows have still to read
+        self.batch_id = 0  # changes whenever a request joins or leaves the batch
+        self._chunks: list[int] = []  # prompt tokens each prefill row reads in the step being built
         self.sync_loads: list[int] = []  # adapters to load before the next step (no prefetch)
-        self._ones = np.ones(config.max_num_seqs, dtype=np.int64)
-        self._decoding = np.zeros(config.max_num_seqs, dtype=bool)
 
     # --- state ----------------------------------------------------------------------------
 
     @property
     def num_running(self) -> int:
-        return len(self.state)
+        return len(self.decoding) + len(self.prefill)
+
+    @property
+    def prefilling(self) -> int:
+        return len(self.prefill)
 
     @property
     def done(self) -> bool:
         return self.completed == len(self.req)
 
     def next_arrival_s(self) -> float:
-        return float(self.req.arrival_s[self.arrived]) if self.arrived < len(self.req) else np.inf
+        return self._next_arrival_s
 
     def take_arrivals(self, now: float) -> None:
-        if self.arrived == len(self.req) or self.req.arrival_s[self.arrived] > now:
+        if self._next_arrival_s > now:
             return
-        end = int(np.searchsorted(self.req.arrival_s, now, side="right"))
-        if end > self.arrived:
-            self.pending[self.arrived:end] = True
-            self.n_waiting += end - self.arrived
-            self.arrived = end
+        arrival, end = self._arrival_s, self.arrived + 1  # a step sees few arrivals: walk to them
+        while end < len(arrival) and arrival[end] <= now:
+            end += 1
+        self.pending[self.arrived:end] = True
+        self.n_waiting += end - self.arrived
+        self.arrived = end
+        self._next_arrival_s = arrival[end] if end < len(arrival) else np.inf
 
     def first_waiting(self) -> int:
         return int(self._window(1)[0])
 
     def _window(self, limit: int) -> np.ndarray:
         """The first `limit` waiting ids in FCFS order."""
+        if self.n_waiting == self.arrived - self.head:  # no gaps: head .. arrived-1 all wait
+            return np.arange(self.head, min(self.arrived, self.head + limit))
         span = max(8 * limit, 1024)
         while True:
-            ids = self.head + np.flatnonzero(self.pending[self.head : self.head + span])
+            ids = self.head + self.pending[self.head : self.head + span].nonzero()[0]
             if len(ids) >= limit or self.head + span >= self.arrived:
                 break
             span *= 4
         if len(ids):
             self.head = int(ids[0])
         return ids[:limit]
+
+    def decode_iterations_left(self) -> int | float:
+        """Decode iterations until the first running request emits its last token."""
+        return self.ends.first() - self.T
+
+    def decode_headroom(self) -> int | float:
+        """Decode iterations every row can take within the KV blocks it holds now (preempt policy)."""
+        return self.grows.first() - self.T
 
     # --- admission --------------------------------------------------------------------------
 
@@ -122,7 +198,7 @@ class Scheduler:
         form the next batch (in FCFS order, with a seat and KV memory for them) but whose adapter is
         absent. Their KV memory is counted as taken, so later requests do not overtake them and
         prefetching never outruns the memory the batch can use."""
-        cfg, cache = self.cfg, self.cache
+        cfg, cache, kv, in_use = self.cfg, self.cache, self.kv, self.in_use
         seats = cfg.max_num_seqs - self.num_running
         next_seats = max(seats, cfg.prefetch_ahead) if cfg.prefetch else seats
         if self.n_waiting == 0 or next_seats == 0:
@@ -135,123 +211,225 @@ class Scheduler:
             ids = self._window(cfg.scan_limit)
         self._seen = (self.epoch, self.arrived)
         ad = self.adapter_of[ids]
-        if cfg.max_distinct is not None and self.distinct >= cfg.max_distinct:
-            keep = self.in_use[ad] > 0  # only requests on adapters already in the batch can join
+        cap, distinct = cfg.max_distinct, self.distinct
+        if cap is not None and distinct >= cap:
+            keep = in_use[ad] > 0  # only requests on adapters already in the batch can join
             ids, ad = ids[keep], ad[keep]
-        budget = cfg.max_num_batched_tokens - (self.num_running - self.prefilling)
-        if self.prefilling:
-            budget -= int(self.state[:, PROMPT_LEFT].sum())
+        budget = cfg.max_num_batched_tokens - len(self.decoding) - self.prompt_left
         blocked = len(ids) == cfg.scan_limit  # requests past the window wait for a change
-        admitted: list[tuple] = []
+        reserve, chunked, prefetch = cfg.kv_policy == "reserve", cfg.chunked_prefill, cfg.prefetch
+        block_size, generated = kv.block_size, self.generated
+        resident, loading, fresh = cache.resident, cache.loading, cache.fresh
+        admitted: list[Row] = []
         to_load: list[int] = []
         claimed = 0  # KV blocks of next-batch requests still waiting for their adapter
         no_room = False  # a synchronous load found every slot in use: later ones will too
-        for r, a in zip(ids.tolist(), ad.tolist()):
-            if next_seats == 0:
-                blocked = True
-                break
-            generated = self.generated.get(r, 0)  # a preempted request recomputes these too
-            prompt = int(self.req.prompt_tokens[r]) + generated
-            out_left = int(self.req.output_tokens[r]) - generated
-            new_adapter = self.in_use[a] == 0
-            if new_adapter and cfg.max_distinct is not None and self.distinct >= cfg.max_distinct:
+        window, n_window = ids.tolist(), len(ids)
+        visit, i = range(n_window), 0  # positions in `window` still to examine
+        while i < len(visit):
+            p = visit[i]
+            i += 1
+            r = window[p]
+            a = self._adapter[r]
+            done = generated.get(r, 0) if generated else 0  # a preempted request recomputes these too
+            prompt, out_left = self._prompt[r] + done, self._output[r] - done
+            new_adapter = in_use[a] == 0
+            if new_adapter and cap is not None and distinct >= cap:
                 continue
-            blocks = int(self.kv.blocks_for(prompt + out_left if cfg.kv_policy == "reserve" else prompt))
-            ready = cache.resident[a] and not cache.loading[a]
-            if cfg.prefetch and (not ready or seats == 0):  # joins a later batch; its adapter is copied meanwhile
-                if not self.kv.can_alloc(claimed + blocks):
+            blocks = -(-(prompt + out_left if reserve else prompt) // block_size)
+            ready = resident[a] and not loading[a]
+            if prefetch and (not ready or seats == 0):  # joins a later batch; its adapter is copied meanwhile
+                if not kv.can_alloc(claimed + blocks):
                     blocked = True
                     break
                 claimed += blocks
-                next_seats -= 1
-                if not ready and not cache.loading[a]:
+                if not ready and not loading[a]:
                     to_load.append(a)
-                continue
-            if seats == 0 or budget < (1 if cfg.chunked_prefill else prompt):
-                blocked = True
-                break
-            self.in_use[a] += 1  # pinned: finding KV memory must not evict this request's adapter
-            if not self.kv.can_alloc(claimed + blocks):
-                self.in_use[a] -= 1
-                blocked = True
-                break
-            if not ready:
-                if no_room or not cache.reserve(a):
-                    self.in_use[a] -= 1
-                    no_room = True
-                    continue
-                cache.loaded(a)
-                self.sync_loads.append(a)  # the engine charges its copy time to the next step
-            self.kv.alloc(blocks)
-            cache.touch(a)
-            self.admissions += 1
-            if cache.fresh[a]:  # the first request to use a copy made since the adapter's last use
-                cache.fresh[a] = False
-                self.misses += 1
-            if new_adapter:
-                self.distinct += 1
-            self.pending[r] = False
-            admitted.append((r, a, 0, prompt, out_left, blocks))
-            budget -= min(prompt, budget)
-            seats -= 1
+            else:
+                if seats == 0 or budget < (1 if chunked else prompt):
+                    blocked = True
+                    break
+                cache.pin(a)  # finding KV memory must not evict this request's adapter
+                if not kv.can_alloc(claimed + blocks):
+                    cache.unpin(a)
+                    blocked = True
+                    break
+                if not ready:
+                    if no_room or not cache.reserve(a):
+                        cache.unpin(a)
+                        no_room = True
+                        continue
+                    cache.loaded(a)
+                    self.sync_loads.append(a)  # the engine charges its copy time to the next step
+                kv.alloc(blocks)
+                cache.touch(a)
+                self.admissions += 1
+                if fresh[a]:  # the first request to use a copy made since the adapter's last use
+                    fresh[a] = False
+                    self.misses += 1
+                self.pending[r] = False
+                admitted.append(Row(r, a, blocks, prompt, out_left))
+                budget -= min(prompt, budget)
+                seats -= 1
+                if new_adapter:
+                    distinct += 1
+                    self.active.add(a)
+                    if cap is not None and distinct >= cap:  # from now on only adapters in the batch can join
+                        visit, i = (p + 1 + (in_use[ad[p + 1:]] > 0).nonzero()[0]).tolist(), 0
             next_seats -= 1
+            if next_seats == 0:  # the next request in the window, if any, finds no seat
+                blocked = blocked or p + 1 < n_window
+                break
+        self.distinct = distinct
         self._blocked = blocked
         if admitted:
+            while self.head < self.arrived and not self.pending[self.head]:  # keep head at the first waiting id
+                self.head += 1
             self.n_waiting -= len(admitted)
-            self.prefilling += len(admitted)
-            self.state = np.concatenate([self.state, np.array(admitted, dtype=np.int64)])
+            self.prefill += admitted
+            self.prompt_left += sum(row.prompt_left for row in admitted)
+            self.batch_id += 1
         return to_load
 
     # --- steps ------------------------------------------------------------------------------
 
-    def build_step(self) -> tuple[Step, np.ndarray | None]:
-        """The next iteration: decode rows take 1 token, prefill rows their prompt (or a chunk).
-        Returns the step and, when chunked prefill leaves some rows out this time, the mask of the
-        running rows it covers (None: all of them)."""
-        st, cfg = self.state, self.cfg
-        ctx, adapters = st[:, CTX], st[:, ADAPTER].copy()
-        if not self.prefilling:
-            n = len(st)
-            return Step(self.strategy, self._ones[:n], ctx + 1, adapters, self._decoding[:n], self.distinct), None
-        left = st[:, PROMPT_LEFT]
-        is_prefill = left > 0
-        if cfg.chunked_prefill:
-            budget = cfg.max_num_batched_tokens - (len(st) - self.prefilling)
-            before = np.cumsum(left) - left  # prefill tokens of earlier rows (decode rows hold 0)
-            chunks = np.clip(budget - before, 0, left)
-            tokens = np.where(is_prefill, chunks, 1)
-            keep = ~is_prefill | (chunks > 0)  # a prefill row with no budget left sits this step out
-            if not keep.all():
-                tokens = tokens[keep]
-                return Step(self.strategy, tokens, ctx[keep] + tokens, adapters[keep], is_prefill[keep],
-                            self.distinct), keep
+    def build_step(self) -> Step:
+        """The next iteration: decode rows take 1 token, prefill rows their prompt (or, with chunked
+        prefill, a chunk; a prefill row left without budget sits the step out)."""
+        n_decode, after = len(self.decoding), self.T + 1
+        decode_context = self.base_sum + n_decode * after
+        if not self.prefill:
+            return Step.from_totals(self.strategy, self.distinct, n_decode, n_decode, 0, decode_context,
+                                    2 * decode_context, self.batch_id, *self._arrays_of(after, ()))
+        if self.cfg.chunked_prefill:  # chunks in row order, from the budget decode rows leave
+            budget, before, chunks = self.cfg.max_num_batched_tokens - n_decode, 0, []
+            for row in self.prefill:
+                chunks.append(min(max(budget - before, 0), row.prompt_left))
+                before += row.prompt_left
         else:
-            tokens = np.where(is_prefill, left, 1)
-        return Step(self.strategy, tokens, ctx + tokens, adapters, is_prefill, self.distinct), None
+            chunks = [row.prompt_left for row in self.prefill]
+        self._chunks = chunks
+        taken = [(row, c) for row, c in zip(self.prefill, chunks) if c]
+        prefill_tokens = sum(c for _, c in taken)
+        context_sum = decode_context + sum(row.ctx + c for row, c in taken)
+        pairs = 2 * decode_context + sum(c * (2 * row.ctx + c + 1) for row, c in taken)
+        batch_id = self.batch_id if len(taken) == len(chunks) else None  # rows sat out: another batch
+        return Step.from_totals(self.strategy, self.distinct, n_decode + len(taken), n_decode + prefill_tokens,
+                                prefill_tokens, context_sum, pairs, batch_id, *self._arrays_of(after, taken))
+
+    def _arrays_of(self, after: int, taken: list[tuple[Row, int]]):
+        """The step's arrays and its distinct adapter ids, as functions run when an executor reads
+        them: decoding rows at iteration `after`, then the prefill rows `taken` with their chunks."""
+        T, batch_id, whole = self.T, self.batch_id, len(taken) == len(self.prefill)
+
+        def check():
+            if (self.T, self.batch_id) != (T, batch_id):
+                raise RuntimeError("a step's arrays were read after the scheduler applied it")
+
+        def arrays():
+            check()
+            rows = self.decoding.values()
+            tokens = [1] * len(rows) + [c for _, c in taken]
+            context = [row.base + after for row in rows] + [row.ctx + c for row, c in taken]
+            adapters = [row.adapter for row in rows] + [row.adapter for row, _ in taken]
+            is_prefill = [False] * len(rows) + [True] * len(taken)
+            return (np.array(tokens, dtype=np.int64), np.array(context, dtype=np.int64),
+                    np.array(adapters, dtype=np.int64), np.array(is_prefill, dtype=bool))
+
+        def adapter_ids():
+            check()
+            return frozenset(self.active if whole else arrays()[2].tolist())  # whole: every running request is in it
+
+        return arrays, adapter_ids
+
+    def complete(self, step: Step, end_s: float, iterations: int = 1) -> None:
+        """Apply `iterations` identical iterations of `step` (the last one built) ending at `end_s`
+        (iterations > 1 only for decode-only steps in which nobody finishes before the last one)."""
+        self.T += iterations
+        if self.prefill:
+            self._read_prompts(end_s)
+        self._finish(end_s)
+
+    def _read_prompts(self, end_s: float) -> None:
+        """Prefill rows read their chunks; those done with their prompt emit their first token and
+        decode from now on."""
+        T, preempt = self.T, self.cfg.kv_policy == "preempt"
+        block_size = self.kv.block_size
+        done = 0
+        for row, chunk in zip(self.prefill, self._chunks):
+            row.ctx += chunk
+            row.prompt_left -= chunk
+            self.prompt_left -= chunk
+            if row.prompt_left:
+                continue
+            done += 1  # chunks go in row order, so the rows done are the first ones
+            if not self.preemptions or np.isnan(self.first_token_s[row.rid]):  # not again after a preemption
+                self.first_token_s[row.rid] = end_s
+            row.base, row.end = row.ctx - T, T + row.out_left - 1
+            self.decoding[row.rid] = row
+            self.base_sum += row.base
+            self.ends.add(row.end, row.rid)
+            if preempt:
+                row.grow_at = row.blocks * block_size - row.base
+                self.grows.add(row.grow_at, row.rid)
+        del self.prefill[:done]
+        self.epoch += 1  # prefills done: the token budget changed
+
+    def _finish(self, end_s: float) -> None:
+        """Retire the requests that generated their last token."""
+        finished = self.ends.pop(self.T)
+        if not finished:
+            return
+        released = 0
+        for rid in finished:
+            row = self.decoding.pop(rid)
+            self.finish_s[rid] = end_s
+            self.base_sum -= row.base
+            released += row.blocks
+            self._drop_adapter(row.adapter)
+            if self.cfg.kv_policy == "preempt":
+                self.grows.remove(row.grow_at, rid)
+        self.completed += len(finished)
+        self.kv.release(released)
+        self.batch_id += 1
+        self.epoch += 1
 
     def grow_kv(self) -> bool:
         """Preempt policy: give every row the blocks its next token needs, preempting the newest
-        rows while memory is short. Returns True when some row was preempted."""
+        rows while memory is short. Returns True when some row was preempted. (A prefill row holds
+        the blocks of its whole prompt from admission; a decoding row needs one more block when its
+        context fills the ones it holds.)"""
         preempted = False
         while self.num_running:
-            st = self.state
-            target = self.kv.blocks_for(st[:, CTX] + np.maximum(st[:, PROMPT_LEFT], 1))
-            need = np.maximum(target - st[:, BLOCKS], 0)
-            total = int(need.sum())
-            if total == 0 or self.kv.alloc(total):
-                st[:, BLOCKS] += need
+            due = self.grows.at.get(self.T, [])
+            if not due or self.kv.alloc(len(due)):
+                for rid in self.grows.pop(self.T):
+                    row = self.decoding[rid]
+                    row.blocks += 1
+                    row.grow_at += self.kv.block_size
+                    self.grows.add(row.grow_at, rid)
                 return preempted
             self._preempt_last()
             preempted = True
         return preempted
 
     def _preempt_last(self) -> None:
-        r, a, _, prompt_left, out_left, blocks = self.state[-1].tolist()
-        self.generated[r] = int(self.req.output_tokens[r]) - out_left
-        self.kv.release(blocks)
-        self._drop_adapter(a)
-        self.prefilling -= prompt_left > 0
-        self.state = self.state[:-1]
+        """Preempt the most recently admitted row: its KV is dropped; it waits to be admitted again."""
+        if self.prefill:
+            row = self.prefill.pop()
+            self.prompt_left -= row.prompt_left
+            out_left = row.out_left
+        else:
+            _, row = self.decoding.popitem()
+            self.base_sum -= row.base
+            self.ends.remove(row.end, row.rid)
+            self.grows.remove(row.grow_at, row.rid)
+            out_left = row.end - self.T
+        r = row.rid
+        self.generated[r] = self._output[r] - out_left
+        self.kv.release(row.blocks)
+        self._drop_adapter(row.adapter)
+        self.batch_id += 1
         self.pending[r] = True
         self.head = min(self.head, r)
         self.n_waiting += 1
@@ -259,48 +437,7 @@ class Scheduler:
         self.epoch += 1
 
     def _drop_adapter(self, a: int) -> None:
-        self.in_use[a] -= 1
+        self.cache.unpin(a)
         if self.in_use[a] == 0:
             self.distinct -= 1
-
-    def complete(self, step: Step, rows, end_s: float, iterations: int = 1) -> None:
-        """Apply `iterations` identical iterations of `step` ending at `end_s` (iterations > 1 only
-        for decode-only steps in which nobody finishes before the last one)."""
-        st = self.state
-        if not self.prefilling:  # decode only: every row gets `iterations` tokens
-            st[:, CTX] += iterations
-            st[:, OUT_LEFT] -= iterations
-            return self._finish(end_s)
-        if not self.cfg.chunked_prefill:  # prefill rows read their whole prompt: every row emits a token
-            firsts = st[st[:, PROMPT_LEFT] > 0, RID]
-            st[:, CTX] += step.tokens
-            st[:, PROMPT_LEFT] = 0
-            st[:, OUT_LEFT] -= 1
-        else:
-            tokens = np.zeros(len(st), dtype=np.int64)
-            tokens[rows if rows is not None else slice(None)] = step.tokens  # rows left out do nothing
-            was_prefill = st[:, PROMPT_LEFT] > 0
-            st[:, CTX] += tokens
-            st[:, PROMPT_LEFT] -= np.where(was_prefill, tokens, 0)
-            prefilled = was_prefill & (st[:, PROMPT_LEFT] == 0)  # read its prompt: emits a token
-            st[:, OUT_LEFT] -= ((tokens > 0) & ~was_prefill) | prefilled
-            firsts = st[prefilled, RID]
-        self.first_token_s[firsts[np.isnan(self.first_token_s[firsts])]] = end_s  # not again after a preemption
-        self.prefilling -= len(firsts)
-        self.epoch += 1  # prefills done: the token budget changed
-        self._finish(end_s)
-
-    def _finish(self, end_s: float) -> None:
-        """Retire the requests that generated their last token."""
-        st = self.state
-        done = st[:, OUT_LEFT] <= 0
-        if not done.any():
-            return
-        finished = st[done]
-        self.finish_s[finished[:, RID]] = end_s
-        self.completed += len(finished)
-        self.kv.release(int(finished[:, BLOCKS].sum()))
-        for a in finished[:, ADAPTER].tolist():
-            self._drop_adapter(a)
-        self.state = st[~done]
-        self.epoch += 1
+            self.active.discard(a)
