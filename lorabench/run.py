@@ -192,6 +192,6 @@ def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
         *starved_per_lora_hint(plan, config, int(first["n_loras"])),
         "Below saturation every strategy finishes the same work and differs in latency; --workload offline "
         "measures peak throughput.",
-        f"Results: {out}/ (summary.csv, requests/, steps/, config.json)",
+        f"Results: {out}/ (summary.csv, requests/, steps/, bench/ as vllm bench serve writes results, config.json)",
     ]
     return "\n".join(textwrap.fill(p, width=100) for p in paragraphs)

@@ -30,12 +30,15 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lorabench.errors import LorabenchError
 from lorabench.presets import ALL_LINEAR, DEFAULT_TARGET_MODULES
-from lorabench.traces import TraceRows, load_trace
+
+if TYPE_CHECKING:  # traces.py imports pandas, which only a trace replay needs
+    from lorabench.traces import TraceRows
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -101,6 +104,8 @@ class Trace:
     skip_empty: bool = False  # drop rows with 0 prompt or 0 output tokens
 
     def load(self) -> TraceRows:
+        from lorabench.traces import load_trace
+
         return load_trace(self.path, self.time_scale, self.window, self.adapter_column, self.skip_empty)
 
 

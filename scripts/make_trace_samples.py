@@ -94,8 +94,11 @@ def mooncake(seed: int) -> list[dict]:
 def samples() -> dict[str, pd.DataFrame | list[dict]]:
     """Every sample by file name, with its true values (Azure's `seconds` column is not written)."""
     return {
-        "azure_code_2023.csv": azure(2023, "2023-11-16 18:15:46.6805900", 5.0, (1500, 1.0, 3, 7900), (13, 1.2, 1, 900)),
-        "azure_conv_2024.csv": azure(2024, "2024-05-10 00:00:00.0135432", 4.0, (1020, 1.0, 2, 7900), (129, 0.9, 1, 2000)),
+        # (median, sigma, min, max) of ContextTokens and GeneratedTokens
+        "azure_code_2023.csv": azure(2023, "2023-11-16 18:15:46.6805900", 5.0, (1500, 1.0, 3, 7900),
+                                     (13, 1.2, 1, 900)),
+        "azure_conv_2024.csv": azure(2024, "2024-05-10 00:00:00.0135432", 4.0, (1020, 1.0, 2, 7900),
+                                     (129, 0.9, 1, 2000)),
         "burstgpt.csv": burstgpt(7),
         "mooncake.jsonl": mooncake(11),
     }

@@ -171,7 +171,8 @@ def trace_workload(tmp_path, n_rows, popularity, n_loras, seed=0, extra=""):
     write_burstgpt(tmp_path / "b.csv", t, rng.integers(1, 500, n_rows), rng.integers(1, 200, n_rows),
                    rng.choice(["ChatGPT", "GPT-4", "Llama"], n_rows))
     (tmp_path / "w.toml").write_text(
-        f'n_loras = {n_loras}\nrequests = {n_rows}\nseed = {seed}\n[arrival]\nkind = "trace"\n[popularity]\n{popularity}\n'
+        f'n_loras = {n_loras}\nrequests = {n_rows}\nseed = {seed}\n[arrival]\nkind = "trace"\n'
+        f'[popularity]\n{popularity}\n'
         f'[prompt]\nkind = "trace"\n[output]\nkind = "trace"\n[trace]\npath = "b.csv"\n{extra}')
     return load_workload(str(tmp_path / "w.toml"))
 
