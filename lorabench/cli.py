@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("lorabench.run", "serve a workload with every strategy and compare it with single-LoRA serving"),
     "profile": ("lorabench.profile", "measure the real decoder's step times on this device and calibrate the cost model"),
     "validate": ("lorabench.validate", "run measured and modeled executors on one request stream; print their relative errors"),
+    "compare": ("lorabench.compare", "put a `vllm bench serve` result JSON beside a lorabench run of the same settings"),
     "sweep": ("lorabench.sweep", "run every strategy over a grid of adapter counts (resumable) -> DIR/sweep.csv"),
     "plot": ("lorabench.plots", "comparison charts (PNG + SVG) of a sweep folder or of compress outputs"),
     "report": ("lorabench.report", "a Markdown page with the table and charts of a sweep folder"),

@@ -33,6 +33,14 @@ def rank_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected a rank or a comma list like 8,16,32,64, got {text!r}") from None
 
 
+def trace_window(text: str) -> tuple[float, float]:
+    try:
+        start, end = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START,END in seconds like 600,1200, got {text!r}") from None
+    return start, end
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", default="zipf",
                    help=f"shipped workload ({', '.join(builtin_workloads())}) or a .toml path")
@@ -56,6 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, help="popularity exponent (zipf alpha / slora-power alpha)")
     p.add_argument("--rank", type=rank_list,
                    help="adapter rank, or a comma list to draw from (e.g. 8,16,32,64)")
+    p.add_argument("--time-scale", type=float,
+                   help="trace replay: replay seconds per trace second (0.5 replays twice as fast)")
+    p.add_argument("--trace-window", type=trace_window, metavar="START,END",
+                   help="trace replay: only the rows from START to END seconds of the trace's clock")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--chunked-prefill", action="store_true")
@@ -68,6 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="adapters in one contiguous host buffer each: one copy per load instead of one per tensor")
     p.add_argument("--ttft-slo-ms", type=float, default=2000.0)
     p.add_argument("--tpot-slo-ms", type=float, default=100.0)
+    p.add_argument("--save-detailed", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-request arrays (ttfts, itls, ...) in bench/<strategy>.json, as vllm bench serve "
+                   "--save-detailed (default: only when a strategy's inter-token latencies are at most 100,000)")
     p.add_argument("--out", type=Path, help="run folder (default results/<timestamp>-<workload>-<n>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -82,8 +97,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         cuda_graphs=not args.eager, gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, chunked_prefill=args.chunked_prefill,
         kv_policy=args.kv_policy, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
-        packed_adapters=args.packed_adapters,
-        ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
+        packed_adapters=args.packed_adapters, time_scale=args.time_scale, trace_window=args.trace_window,
+        ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms, save_detailed=args.save_detailed,
     )
 
 
@@ -109,7 +124,8 @@ def main(args: argparse.Namespace) -> int:
         # RunConfig names fields; on the command line they are flags.
         msg = str(err)
         for field in ("n_loras", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "max_loras",
-                      "max_cpu_loras", "ttft_slo_ms", "tpot_slo_ms", "requests", "rate", "duration", "alpha", "ranks"):
+                      "max_cpu_loras", "ttft_slo_ms", "tpot_slo_ms", "requests", "rate", "duration", "alpha", "ranks",
+                      "time_scale", "trace_window"):
             if msg.startswith(field + " "):
                 flag = "--rank" if field == "ranks" else "--" + field.replace("_", "-")
                 msg = flag + msg[len(field):]
@@ -176,6 +192,6 @@ def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
         *starved_per_lora_hint(plan, config, int(first["n_loras"])),
         "Below saturation every strategy finishes the same work and differs in latency; --workload offline "
         "measures peak throughput.",
-        f"Results: {out}/ (summary.csv, requests/, steps/, config.json)",
+        f"Results: {out}/ (summary.csv, requests/, steps/, bench/ as vllm bench serve writes results, config.json)",
     ]
     return "\n".join(textwrap.fill(p, width=100) for p in paragraphs)

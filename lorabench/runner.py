@@ -2,7 +2,8 @@
 
 `run_experiment(RunConfig(...), out_dir)` is a pure function of its config (and seed): it returns the
 summary (one row per strategy, the single-LoRA baseline first) and, given `out_dir`, writes there
-atomically: config.json, summary.csv, requests/<strategy>.csv, steps/<strategy>.csv.
+atomically: config.json, summary.csv, requests/<strategy>.csv, steps/<strategy>.csv and
+bench/<strategy>.json (`vllm bench serve`-compatible, bench_json.py).
 
 Executors plug in by name: `EXECUTORS[name]` is a module with
 `make_executor(config, model, device, lora: LoraSetup) -> Executor`.
@@ -22,6 +23,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lorabench import __version__
+from lorabench.bench_json import write_bench_results
 from lorabench.errors import LorabenchError
 from lorabench.presets import DeviceSpec, ModelShape, device_preset, model_preset
 from lorabench.results import atomic_dir, write_csv, write_json
@@ -52,6 +54,8 @@ class RunConfig:
     seed: int | None = None
     alpha: float | None = None
     ranks: tuple[int, ...] | None = None  # adapter rank(s), overriding [adapters] ranks
+    time_scale: float | None = None  # trace replay: replay seconds per trace second ([trace] time_scale)
+    trace_window: tuple[float, float] | None = None  # trace replay: [start, end) in trace seconds ([trace] window)
     strategies: tuple[str, ...] = STRATEGIES  # the single baseline is always run (first)
     model: str = "mistral-7b"
     device: str = "h200"
@@ -73,6 +77,7 @@ class RunConfig:
     packed_adapters: bool = False  # one host buffer per adapter: a load is one copy, not one per tensor
     ttft_slo_ms: float = 2000.0
     tpot_slo_ms: float = 100.0
+    save_detailed: bool | None = None  # bench/*.json per-request arrays: None = only for small runs (bench_json.py)
 
     def __post_init__(self) -> None:
         strategies = tuple(self.strategies)
@@ -82,12 +87,18 @@ class RunConfig:
         object.__setattr__(self, "strategies", ("single",) + tuple(s for s in STRATEGIES[1:] if s in strategies))
         if self.ranks is not None:
             object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
+        if self.trace_window is not None:
+            object.__setattr__(self, "trace_window", tuple(float(t) for t in self.trace_window))
         checks = [
             ("n_loras", self.n_loras is None or self.n_loras >= 1, ">= 1"),
             ("rate", self.rate is None or self.rate > 0, "> 0 requests per second"),
             ("requests", self.requests is None or self.requests >= 1, ">= 1"),
             ("duration", self.duration is None or self.duration > 0, "> 0 seconds"),
             ("alpha", self.alpha is None or self.alpha >= 0, ">= 0"),
+            ("time_scale", self.time_scale is None or 0 < self.time_scale < float("inf"), "> 0"),
+            ("trace_window", self.trace_window is None or (len(self.trace_window) == 2
+                                                           and 0 <= self.trace_window[0] < self.trace_window[1]),
+             "START,END seconds with 0 <= START < END"),
             ("ranks", self.ranks is None or (len(self.ranks) > 0 and min(self.ranks) >= 1), "positive integers"),
             ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "in (0, 1]"),
             ("max_num_seqs", self.max_num_seqs >= 1, ">= 1"),
@@ -107,7 +118,8 @@ class RunConfig:
 
     def load_workload(self) -> Workload:
         return load_workload(self.workload, n_loras=self.n_loras, requests=self.requests, duration=self.duration,
-                             seed=self.seed, rate=self.rate, alpha=self.alpha, ranks=self.ranks)
+                             seed=self.seed, rate=self.rate, alpha=self.alpha, ranks=self.ranks,
+                             time_scale=self.time_scale, trace_window=self.trace_window)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -262,6 +274,7 @@ def _summary_frame(rows, config, workload, device, model, n_requests) -> pd.Data
 
 
 def _write_run(out_dir, config, workload, model, device, summary, frames) -> None:
+    created = datetime.now(timezone.utc)
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "config.json", {
             "config": config.to_dict(),
@@ -269,10 +282,11 @@ def _write_run(out_dir, config, workload, model, device, summary, frames) -> Non
             "model": dataclasses.asdict(model),
             "device": dataclasses.asdict(device),
             "lorabench_version": __version__,
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_utc": created.isoformat(timespec="seconds"),
         })
         write_csv(tmp / "summary.csv", summary)
         for name in config.strategies:
             req, steps = frames.get(name, (pd.DataFrame(columns=REQUEST_COLUMNS), pd.DataFrame(columns=STEP_COLUMNS)))
             write_csv(tmp / "requests" / f"{name}.csv", req)
             write_csv(tmp / "steps" / f"{name}.csv", steps)
+        write_bench_results(tmp, summary, frames, config, workload, model, created)

@@ -70,6 +70,16 @@ def sweep_config_dict(base: RunConfig, n_loras: list[int]) -> dict:
     return {"run": run, "n_loras": list(n_loras)}
 
 
+def same_run_config(stored: dict, wanted: dict) -> bool:
+    """Whether a stored run config is the one wanted. A field the stored one lacks (written before the
+    field existed) counts as its default, so sweeps made by earlier versions still resume."""
+    from lorabench.runner import RunConfig
+
+    defaults = config_dict(RunConfig())
+    filled = {**{k: defaults[k] for k in wanted if k not in stored and k in defaults}, **stored}
+    return filled == wanted
+
+
 def check_same_sweep(out: Path, wanted: dict) -> None:
     """Refuse to mix two different sweeps in one folder. Adding points to the grid is allowed."""
     path = out / "config.json"
@@ -82,7 +92,7 @@ def check_same_sweep(out: Path, wanted: dict) -> None:
         stored = json.loads(path.read_text())["run"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise LorabenchError(f"{path}: not a sweep config ({err}); use another --out") from None
-    if stored != wanted["run"]:
+    if not same_run_config(stored, wanted["run"]):
         changed = sorted(k for k in set(stored) | set(wanted["run"]) if stored.get(k) != wanted["run"].get(k))
         details = ", ".join(f"{k}: {stored.get(k)!r} -> {wanted['run'].get(k)!r}" for k in changed)
         raise LorabenchError(
@@ -102,7 +112,7 @@ def finished_point(out: Path, n: int, wanted: dict) -> bool:
     """True when points/<n>/point.json exists and was made by the same config."""
     path = point_dir(out, n) / "point.json"
     try:
-        return json.loads(path.read_text())["config"] == wanted
+        return same_run_config(json.loads(path.read_text())["config"], wanted)
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

@@ -12,8 +12,12 @@ A workload file has top-level fields and four tables (any field may be omitted t
     [prompt], [output]  kind = "fixed" | "uniform" | "lognormal" | "trace"; value; lo, hi; median, sigma, min, max
     [adapters]   ranks = [16] or [8, 16, 32, 64] (a mix, drawn per adapter); target_modules;
                  compressed_rank (R, default 64); clusters (K, default grows with n_loras)
-    [trace]      path = "trace.csv" (relative to the TOML file): arrival_s, adapter, prompt_tokens,
-                 output_tokens; used by every part whose kind is "trace".
+    [trace]      path = "trace.csv" (relative to the TOML file): a request trace in lorabench's CSV
+                 (arrival_s, adapter, prompt_tokens, output_tokens), Azure's, BurstGPT's or Mooncake's
+                 format (lorabench/traces.py), read by every part whose kind is "trace";
+                 time_scale (1.0; 0.5 replays twice as fast), window = [start, end] (seconds of the
+                 trace's clock), adapter_column (adapters from this column, for [popularity] kind
+                 "trace"), skip_empty (drop rows with 0 prompt or output tokens)
 
 Everything random comes from one seed: the same workload and seed give the same requests.
 """
@@ -26,11 +30,15 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lorabench.errors import LorabenchError
 from lorabench.presets import ALL_LINEAR, DEFAULT_TARGET_MODULES
+
+if TYPE_CHECKING:  # traces.py imports pandas, which only a trace replay needs
+    from lorabench.traces import TraceRows
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,7 +48,6 @@ else:  # pragma: no cover - Python 3.10
 ARRIVAL_KINDS = ("poisson", "gamma", "constant", "offline", "trace")
 POPULARITY_KINDS = ("zipf", "uniform", "slora-power", "trace")
 LENGTH_KINDS = ("fixed", "uniform", "lognormal", "trace")
-TRACE_COLUMNS = ("arrival_s", "adapter", "prompt_tokens", "output_tokens")
 
 
 def default_clusters(n_loras: int) -> int:
@@ -87,6 +94,22 @@ class Adapters:
 
 
 @dataclass(frozen=True)
+class Trace:
+    """[trace]: the file to replay and how (lorabench/traces.py says exactly how times are mapped)."""
+
+    path: str
+    time_scale: float = 1.0  # replay seconds per trace second: 0.5 replays twice as fast
+    window: tuple[float, float] | None = None  # [start, end) in the trace's own seconds
+    adapter_column: str | None = None  # take adapters from this column (default: the format's own, if any)
+    skip_empty: bool = False  # drop rows with 0 prompt or 0 output tokens
+
+    def load(self) -> TraceRows:
+        from lorabench.traces import load_trace
+
+        return load_trace(self.path, self.time_scale, self.window, self.adapter_column, self.skip_empty)
+
+
+@dataclass(frozen=True)
 class Requests:
     """A request stream as parallel arrays, sorted by arrival time; ids are 0 .. n-1 in that order."""
 
@@ -117,7 +140,7 @@ class Workload:
     prompt: Lengths = field(default_factory=Lengths)
     output: Lengths = field(default_factory=Lengths)
     adapters: Adapters = field(default_factory=Adapters)
-    trace: str | None = None  # resolved path of the trace CSV
+    trace: Trace | None = None  # the trace to replay (its path resolved)
     source: str = "<built-in>"  # the file it came from, for error messages
 
     def __post_init__(self) -> None:
@@ -145,8 +168,12 @@ class Workload:
     def generate(self) -> Requests:
         """The request stream. Independent seeded streams per part, so changing one part (say the
         rate) leaves the adapters and lengths of the requests unchanged."""
-        trace = _read_trace(self) if self.trace is not None else None
-        n = self.requests if trace is None else min(self.requests, len(trace["arrival_s"]))
+        trace = None
+        if self.trace is not None:
+            if not Path(self.trace.path).is_file():
+                raise LorabenchError(f"{self.source}: [trace] path: no such file {self.trace.path}")
+            trace = self.trace.load()
+        n = self.requests if trace is None else min(self.requests, len(trace))
         seeds = [np.random.default_rng([self.seed, 10 + i]) for i in range(4)]
         arrival = _arrivals(self, n, seeds[0], trace)
         if self.duration is not None:
@@ -163,10 +190,10 @@ class Workload:
 # --- generation -------------------------------------------------------------------------------
 
 
-def _arrivals(w: Workload, n: int, rng: np.random.Generator, trace: dict | None) -> np.ndarray:
+def _arrivals(w: Workload, n: int, rng: np.random.Generator, trace: TraceRows | None) -> np.ndarray:
     a = w.arrival
     if a.kind == "trace":
-        return trace["arrival_s"][:n].astype(np.float64)
+        return trace.arrival_s[:n].astype(np.float64)
     if a.kind == "offline":
         return np.zeros(n)
     if a.kind == "constant":
@@ -184,14 +211,21 @@ def zipf_probabilities(n_loras: int, alpha: float) -> np.ndarray:
     return weights / weights.sum()
 
 
-def _popularity(w: Workload, n: int, rng: np.random.Generator, trace: dict | None) -> np.ndarray:
+def _popularity(w: Workload, n: int, rng: np.random.Generator, trace: TraceRows | None) -> np.ndarray:
     p = w.popularity
     if p.kind == "trace":
-        adapters = trace["adapter"][:n].astype(np.int64)
-        if adapters.size and (adapters.min() < 0 or adapters.max() >= w.n_loras):
+        if trace.adapter is None:
             raise LorabenchError(
-                f"{w.trace}: column adapter holds ids outside 0..{w.n_loras - 1} (n_loras = {w.n_loras})"
+                f"{w.source}: [popularity] kind \"trace\" needs adapters, and {trace.path} ({trace.format} format) "
+                "names none: draw them by popularity ([popularity] kind zipf, uniform or slora-power) or name a "
+                "column with [trace] adapter_column"
             )
+        adapters = trace.adapter[:n]
+        outside = np.flatnonzero(adapters >= w.n_loras)
+        if outside.size:
+            i = outside[np.argmin(trace.row[outside])]
+            raise LorabenchError(f"{trace.where(i)}: adapter {adapters[i]} is outside 0..{w.n_loras - 1} "
+                                 f"(n_loras = {w.n_loras})")
         return adapters
     if p.kind == "uniform":
         return rng.integers(0, w.n_loras, size=n)
@@ -206,11 +240,14 @@ def _popularity(w: Workload, n: int, rng: np.random.Generator, trace: dict | Non
     return hot_ids[ranks]
 
 
-def _lengths(spec: Lengths, n: int, rng, trace: dict | None, column: str, w: Workload) -> np.ndarray:
+def _lengths(spec: Lengths, n: int, rng, trace: TraceRows | None, column: str, w: Workload) -> np.ndarray:
     if spec.kind == "trace":
-        out = trace[column][:n].astype(np.int64)
-        if out.size and out.min() < 1:
-            raise LorabenchError(f"{w.trace}: column {column} holds a value below 1")
+        out = getattr(trace, column)[:n]
+        empty = np.flatnonzero(out < 1)
+        if empty.size:
+            i = empty[np.argmin(trace.row[empty])]
+            raise LorabenchError(f"{trace.where(i)}: 0 {column.replace('_', ' ')}; a request needs at least 1 "
+                                 "(set [trace] skip_empty = true to drop such rows)")
         return out
     if spec.kind == "fixed":
         return np.full(n, spec.value, dtype=np.int64)
@@ -218,30 +255,6 @@ def _lengths(spec: Lengths, n: int, rng, trace: dict | None, column: str, w: Wor
         return rng.integers(spec.lo, spec.hi, size=n)
     draws = spec.median * np.exp(spec.sigma * rng.standard_normal(n))
     return np.clip(np.rint(draws), spec.min, spec.max).astype(np.int64)
-
-
-def _read_trace(w: Workload) -> dict[str, np.ndarray]:
-    import pandas as pd
-
-    try:
-        df = pd.read_csv(w.trace)
-    except FileNotFoundError:
-        raise LorabenchError(f"{w.source}: [trace] path: no such file {w.trace}") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise LorabenchError(f"{w.trace}: not a readable CSV ({err})") from None
-    missing = [c for c in TRACE_COLUMNS if c not in df.columns]
-    if missing:
-        raise LorabenchError(f"{w.trace}: missing column(s) {', '.join(missing)}; expected {', '.join(TRACE_COLUMNS)}")
-    out = {}
-    for c in TRACE_COLUMNS:
-        col = pd.to_numeric(df[c], errors="coerce")
-        if col.isna().any():
-            raise LorabenchError(f"{w.trace}: column {c} row {int(col.isna().idxmax()) + 2} is not a number")
-        out[c] = col.to_numpy()
-    if (out["arrival_s"] < 0).any():
-        raise LorabenchError(f"{w.trace}: column arrival_s holds a negative time")
-    order = np.argsort(out["arrival_s"], kind="stable")  # rows in arrival order, columns kept together
-    return {c: v[order] for c, v in out.items()}
 
 
 # --- loading and validation -------------------------------------------------------------------
@@ -273,7 +286,8 @@ def load_workload(name_or_path: str, **overrides) -> Workload:
     """Read a workload and apply command-line overrides.
 
     Overrides (None = keep the file's value): n_loras, requests, duration, seed (top level),
-    rate (arrival), alpha (popularity), ranks (adapters, a tuple).
+    rate (arrival), alpha (popularity), ranks (adapters, a tuple), time_scale and trace_window
+    ([trace] time_scale and window).
     """
     path = workload_path(name_or_path)
     try:
@@ -306,19 +320,48 @@ def workload_from_dict(data: dict, source: str = "<dict>", **overrides) -> Workl
         tables["popularity"] = dataclasses.replace(tables["popularity"], alpha=float(overrides["alpha"]))
     if overrides.get("ranks") is not None:
         tables["adapters"] = dataclasses.replace(tables["adapters"], ranks=tuple(overrides["ranks"]))
-    unknown = set(overrides) - {"n_loras", "requests", "duration", "seed", "rate", "alpha", "ranks"}
+    unknown = set(overrides) - {"n_loras", "requests", "duration", "seed", "rate", "alpha", "ranks", "time_scale",
+                                "trace_window"}
     if unknown:
         raise TypeError(f"unknown workload override(s): {', '.join(sorted(unknown))}")
-
-    trace = data.get("trace")
-    if trace is not None:
-        if not isinstance(trace, dict) or not isinstance(trace.get("path"), str):
-            raise LorabenchError(f"{source}: [trace] must be a table with a string field path")
-        trace_path = Path(trace["path"])
-        if not trace_path.is_absolute() and source not in ("<dict>", "<built-in>"):
-            trace_path = Path(source).parent / trace_path
-        trace = str(trace_path)
+    trace = _trace(data.get("trace"), source, overrides.get("time_scale"), overrides.get("trace_window"))
     return Workload(name=str(data.get("name", Path(source).stem)), trace=trace, source=source, **top, **tables)
+
+
+def _trace(values, source: str, time_scale: float | None, window: tuple[float, float] | None) -> Trace | None:
+    """[trace] with its path resolved against the TOML file, and the command line's time scale and window."""
+    if values is None:
+        if time_scale is not None or window is not None:
+            raise LorabenchError(f"{source}: time_scale and trace_window (--time-scale, --trace-window) apply to a "
+                                 "trace replay, and this workload has no [trace]")
+        return None
+    if not isinstance(values, dict) or not isinstance(values.get("path"), str):
+        raise LorabenchError(f"{source}: [trace] must be a table with a string field path")
+    fields = {f.name: f for f in dataclasses.fields(Trace)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise LorabenchError(f"{source}: [trace] unknown field(s) {', '.join(unknown)}; expected {', '.join(fields)}")
+    path = Path(values["path"])
+    if not path.is_absolute() and source not in ("<dict>", "<built-in>"):
+        path = Path(source).parent / path
+    scale = values.get("time_scale", 1.0) if time_scale is None else time_scale
+    if not _is_number(scale) or not (0 < scale < math.inf):
+        raise LorabenchError(f"{source}: [trace] time_scale must be a number > 0, got {scale!r}")
+    if window is None and "window" in values:
+        window = values["window"]
+        if (not isinstance(window, list) or len(window) != 2 or not all(_is_number(v) for v in window)):
+            raise LorabenchError(f"{source}: [trace] window must be [start, end] in seconds, got {window!r}")
+    if window is not None:
+        window = (float(window[0]), float(window[1]))
+        if not 0 <= window[0] < window[1]:
+            raise LorabenchError(f"{source}: [trace] window must satisfy 0 <= start < end, got {list(window)}")
+    column = values.get("adapter_column")
+    if column is not None and not isinstance(column, str):
+        raise LorabenchError(f"{source}: [trace] adapter_column must be a column name, got {column!r}")
+    skip = values.get("skip_empty", False)
+    if not isinstance(skip, bool):
+        raise LorabenchError(f"{source}: [trace] skip_empty must be true or false, got {skip!r}")
+    return Trace(str(path), float(scale), window, column, skip)
 
 
 def _table(cls, values: dict, table: str, source: str):
@@ -399,3 +442,5 @@ def _validate(w: Workload) -> None:
     uses_trace = a.kind == "trace" or p.kind == "trace" or "trace" in (w.prompt.kind, w.output.kind)
     if uses_trace and w.trace is None:
         bad("[trace] path", "is required when a kind is 'trace'")
+    if w.trace is not None and w.trace.time_scale != 1.0 and a.kind != "trace":
+        bad("[trace] time_scale", f"scales the trace's arrivals, and [arrival] kind is {a.kind!r}, not 'trace'")

@@ -120,6 +120,23 @@ def test_changed_config_in_the_same_folder_is_a_clear_error(tmp_path):
         run_sweep(small_config(seed=4), [1], out, progress=False)
 
 
+def test_a_sweep_written_before_new_config_fields_still_resumes(tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    run_sweep(small_config(), [1, 2], out, progress=False)
+    new_fields = ("time_scale", "trace_window", "save_detailed")
+    for path in [out / "config.json", *(out / "points").glob("*/point.json")]:  # as an older version wrote them
+        data = json.loads(path.read_text())
+        stored = data["run"] if "run" in data else data["config"]
+        for field in new_fields:
+            del stored[field]
+        path.write_text(json.dumps(data))
+    runs = CountingRuns(monkeypatch)
+    run_sweep(small_config(), [1, 2, 4], out, progress=False)
+    assert runs.calls == [4]  # the old points count as finished: their missing fields had the defaults
+    with pytest.raises(LorabenchError, match=r"different config.*save_detailed: None -> False"):
+        run_sweep(small_config(save_detailed=False), [1, 2, 4], out, progress=False)
+
+
 def test_a_folder_that_is_not_a_sweep_is_not_written_into(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(LorabenchError, match="no sweep config.json"):
