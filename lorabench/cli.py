@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("lorabench.profile", "measure the real decoder's step times on this device and calibrate the cost model"),
     "validate": ("lorabench.validate", "run measured and modeled executors on one request stream; print their relative errors"),
     "sweep": ("lorabench.sweep", "run every strategy over a grid of adapter counts (resumable) -> DIR/sweep.csv"),
+    "capacity": ("lorabench.capacity", "the highest request rate each strategy sustains within the SLOs, per adapter "
+                 "count (resumable) -> DIR/capacity.csv"),
     "plot": ("lorabench.plots", "comparison charts (PNG + SVG) of a sweep folder or of compress outputs"),
     "report": ("lorabench.report", "a Markdown page with the table and charts of a sweep folder"),
 }
