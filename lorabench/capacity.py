@@ -19,8 +19,9 @@ A capacity folder holds:
 
 One evaluation is a pure function of (run config, strategy, n_loras, rate), so the folder caches
 them: rerunning the same command replays every search from the cache and continues where it
-stopped. Search settings (objectives aside, which are run flags) may change between runs, reusing
-what matches; a different run config in the same folder is refused, as for `sweep`.
+stopped. Search settings (--rate, --rate-tol, --max-rate, --goodput-target) may change between runs,
+reusing every cached rate the new searches visit; a different run config (the SLO flags included) in
+the same folder is refused, as for `sweep`.
 """
 
 from __future__ import annotations
