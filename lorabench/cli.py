@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("lorabench.validate", "run measured and modeled executors on one request stream; print their relative errors"),
     "compare": ("lorabench.compare", "put a `vllm bench serve` result JSON beside a lorabench run of the same settings"),
     "sweep": ("lorabench.sweep", "run every strategy over a grid of adapter counts (resumable) -> DIR/sweep.csv"),
+    "capacity": ("lorabench.capacity", "the highest request rate each strategy sustains within the SLOs, per adapter "
+                 "count (resumable) -> DIR/capacity.csv"),
     "plot": ("lorabench.plots", "comparison charts (PNG + SVG) of a sweep folder or of compress outputs"),
     "report": ("lorabench.report", "a Markdown page with the table and charts of a sweep folder"),
 }

@@ -3,8 +3,10 @@
 Kinds: throughput (output tokens/s against the number of adapters), relative (the same divided by
 single-LoRA's at each point, with the paper's 0.8 headline), latency (TTFT and TPOT p50/p99),
 memory (GPU memory split as stacked bars), cdf (latency distributions at one point), compression
-(reconstruction error against rank and number of clusters). Every chart is written as PNG and SVG;
-every chart's title names device, model, workload and executor; a strategy has one colour in all.
+(reconstruction error against rank and number of clusters), capacity (the highest request rate
+meeting the SLOs against the number of adapters, from a `lorabench capacity` folder). Every chart is
+written as PNG and SVG; every chart's title names device, model, workload and executor; a strategy
+has one colour in all.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import pandas as pd  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from lorabench.capacity import read_capacity  # noqa: E402
 from lorabench.errors import LorabenchError  # noqa: E402
 from lorabench.sweep import point_dir, read_sweep  # noqa: E402
 
 SWEEP_KINDS = ("throughput", "relative", "latency", "memory", "cdf")
-KINDS = SWEEP_KINDS + ("compression",)
+KINDS = SWEEP_KINDS + ("compression", "capacity")
 FORMATS = ("png", "svg")
 
 # One colour per strategy in every chart (colour-blind-safe Okabe-Ito hues).
@@ -77,14 +80,14 @@ def log2_n_axis(ax: plt.Axes, table: pd.DataFrame) -> None:
     ax.grid(True, which="major", alpha=0.3)
 
 
-def not_run_note(fig: plt.Figure, table: pd.DataFrame) -> None:
+def not_run_note(fig: plt.Figure, table: pd.DataFrame, source: str = "sweep.csv") -> None:
     """Say which points have no result, so a missing marker is not mistaken for a zero."""
     bad = table[table["status"] != "ok"]
     if bad.empty:
         return
     parts = [f"{s} at N={', '.join(f'{n:,}' for n in g['n_loras'])}" for s, g in bad.groupby("strategy", sort=False)]
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.text(0.01, 0.005, "no result (see status in sweep.csv): " + "; ".join(parts), fontsize=7, va="bottom",
+    fig.text(0.01, 0.005, f"no result (see status in {source}): " + "; ".join(parts), fontsize=7, va="bottom",
              wrap=True)
 
 
@@ -242,6 +245,25 @@ def plot_cdf(table: pd.DataFrame, folder: Path, n_loras: int | None = None) -> p
     return fig
 
 
+def plot_capacity(table: pd.DataFrame) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ok = ok_rows(table)
+    lines_per_strategy(ax, ok, "max_rate")
+    capped = ok[ok["bound_by"].astype(str).str.startswith("ceiling")]
+    if not capped.empty:  # nothing failed up to the ceiling: the true capacity is higher
+        ax.plot(capped["n_loras"], capped["max_rate"], "^", color="grey", markersize=11, fillstyle="none",
+                label="search ceiling\n(capacity is higher)")
+    log2_n_axis(ax, table)
+    ax.set_ylabel("highest sustainable rate (requests/s)")
+    ax.set_ylim(bottom=0)
+    if ok.size:  # no line to label when no search found a rate
+        ax.legend(title="strategy", fontsize=8)
+    objectives = "/".join(dict.fromkeys(table["objectives"].dropna()))
+    ax.set_title(f"Highest request rate meeting {objectives}\n{title_line(table)}", fontsize=10)
+    not_run_note(fig, table, "capacity.csv")
+    return fig
+
+
 # --- compression outputs ------------------------------------------------------------------------
 
 
@@ -337,15 +359,20 @@ def make_chart(kind: str, folder: Path, table: pd.DataFrame | None, point: int |
         return plot_compression(read_compression(compression_source(folder)))
     if kind == "cdf":
         return plot_cdf(table, folder, point)
+    if kind == "capacity":
+        return plot_capacity(read_capacity(folder))
     return {"throughput": plot_throughput, "relative": plot_relative, "latency": plot_latency,
             "memory": plot_memory}[kind](table)
 
 
 def available_kinds(folder: Path) -> tuple[str, ...]:
-    """What `--kind all` draws: the sweep charts if there is a sweep.csv, compression if outputs exist."""
+    """What `--kind all` draws: the sweep charts if there is a sweep.csv, compression if outputs exist,
+    capacity if there is a capacity.csv."""
     kinds = SWEEP_KINDS if (folder / "sweep.csv").exists() else ()
     if any(compression_source(folder).rglob("summary.json")) and (not kinds or (folder / "compression").is_dir()):
         kinds += ("compression",)
+    if (folder / "capacity.csv").exists():
+        kinds += ("capacity",)
     return kinds or SWEEP_KINDS  # nothing found: let read_sweep say what is missing
 
 
@@ -374,7 +401,8 @@ def strip_suffix(path: Path) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", type=Path, help="a sweep folder (or a folder of `lorabench compress` outputs)")
+    parser.add_argument("folder", type=Path, help="a sweep folder (or a folder of `lorabench compress` outputs, or "
+                        "of `lorabench capacity`)")
     parser.add_argument("--kind", default="all", choices=KINDS + ("all",), help="which chart (default: all)")
     parser.add_argument("--out", type=Path, default=None,
                         help="file stem for one kind (writes .png and .svg), a folder for all "

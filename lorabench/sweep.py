@@ -20,8 +20,7 @@ import argparse
 import dataclasses
 import json
 import shutil
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -29,6 +28,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lorabench.errors import LorabenchError
+from lorabench.points import local_backend
 from lorabench.results import write_csv_atomic, write_text_atomic
 
 if TYPE_CHECKING:  # the simulator is imported only when a sweep runs, so `lorabench plot` starts fast
@@ -80,23 +80,27 @@ def same_run_config(stored: dict, wanted: dict) -> bool:
     return filled == wanted
 
 
-def check_same_sweep(out: Path, wanted: dict) -> None:
-    """Refuse to mix two different sweeps in one folder. Adding points to the grid is allowed."""
+def check_same_sweep(out: Path, wanted: dict, kind: str = "sweep") -> None:
+    """Refuse to mix two different sweeps in one folder. Adding points to the grid is allowed.
+    `kind` names what the folder holds in messages ("capacity search" for `lorabench capacity`)."""
     path = out / "config.json"
     if not path.exists():
         if out.is_dir() and any(out.iterdir()):
-            raise LorabenchError(f"--out {out}: a folder with other files and no sweep config.json; "
+            raise LorabenchError(f"--out {out}: a folder with other files and no {kind} config.json; "
                                  "choose a new folder")
         return
     try:
-        stored = json.loads(path.read_text())["run"]
+        stored = json.loads(path.read_text())
+        if set(stored) != set(wanted):  # another kind of folder
+            raise KeyError(", ".join(sorted(set(wanted) ^ set(stored))))
+        stored = stored["run"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise LorabenchError(f"{path}: not a sweep config ({err}); use another --out") from None
+        raise LorabenchError(f"{path}: not a {kind} config ({err}); use another --out") from None
     if not same_run_config(stored, wanted["run"]):
         changed = sorted(k for k in set(stored) | set(wanted["run"]) if stored.get(k) != wanted["run"].get(k))
         details = ", ".join(f"{k}: {stored.get(k)!r} -> {wanted['run'].get(k)!r}" for k in changed)
         raise LorabenchError(
-            f"{out} holds a sweep with a different config ({details}); "
+            f"{out} holds a {kind} with a different config ({details}); "
             "use another --out, or delete the folder to start over"
         )
 
@@ -155,10 +159,6 @@ def run_point(out: Path, config: RunConfig) -> pd.DataFrame:
     return summary
 
 
-def _run_point_in_worker(out: str, config: RunConfig) -> tuple[int, pd.DataFrame]:
-    return config.n_loras, run_point(Path(out), config)
-
-
 # --- the sweep ----------------------------------------------------------------------------------
 
 
@@ -176,8 +176,7 @@ def run_sweep(
     the points run in that many worker processes. `on_point(n)` is called after each point
     finishes (the progress bar's hook, and the tests').
     """
-    if jobs < 1:
-        raise LorabenchError(f"--jobs {jobs}: must be >= 1")
+    backend = local_backend(jobs)
     out = Path(out)
     base.load_workload()  # a bad workload file is the user's error, not a point that cannot run
     wanted_sweep = sweep_config_dict(base, n_loras)
@@ -193,22 +192,14 @@ def run_sweep(
     def finished(n: int) -> None:
         done.add(n)
         write_csv_atomic(out / "sweep.csv", collect(out, [m for m in n_loras if m in done]))
+        bar.set_postfix_str(f"n_loras={n} done")
         bar.update()
         if on_point:
             on_point(n)
 
     try:
-        if jobs == 1 or len(todo) <= 1:
-            for n in todo:
-                bar.set_postfix_str(f"n_loras={n}")
-                run_point(out, configs[n])
-                finished(n)
-        else:
-            # spawn, not fork: the parent may hold torch/OpenMP threads that do not survive a fork
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-                futures = [pool.submit(_run_point_in_worker, str(out), configs[n]) for n in todo]
-                for future in as_completed(futures):
-                    finished(future.result()[0])
+        for config, _ in backend.map_unordered(partial(run_point, out), [configs[n] for n in todo]):
+            finished(config.n_loras)
     finally:
         bar.close()
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Remake the committed reference capacity search: results/reference/remake-capacity.sh [WORKLOAD] (default zipf).
+# Modeled H200, Mistral-7B, every strategy, 1 to 4,096 adapters, the run's default SLOs (p99 TTFT <= 2 s,
+# p99 TPOT <= 100 ms). Keeps the tables, config and chart; the cached evaluations (one JSON per
+# simulation) stay in a temporary folder.
+set -euo pipefail
+workload=${1:-zipf}
+ref="$(dirname "$0")/h200-modeled-capacity-$workload"
+tmp=$(mktemp -d)
+lorabench capacity --workload "$workload" --n-loras 1,4,16,64,256,1024,4096 --strategy all \
+    --model mistral-7b --device h200 --executor modeled --jobs 2 --out "$tmp/capacity" --no-progress
+rm -rf "$ref"/{capacity.csv,evaluations.csv,config.json,charts} && mkdir -p "$ref"  # README.md is written by hand
+cp -r "$tmp/capacity"/{capacity.csv,evaluations.csv,config.json,charts} "$ref"/
+echo "remade $ref (cached evaluations: $tmp/capacity/evaluations)"
