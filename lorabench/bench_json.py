@@ -53,15 +53,12 @@ def detailed(config, requests: pd.DataFrame) -> bool:
     return int(np.maximum(requests["output_tokens"].to_numpy() - 1, 0).sum()) <= DETAILED_MAX_ITLS
 
 
-def write_bench_results(folder: Path, summary: pd.DataFrame, frames: dict, config, workload, model,
-                        created: datetime) -> None:
-    """bench/<strategy>.json for every strategy that ran (the frames of `runner.run_experiment`)."""
-    rows = summary.set_index("strategy")
-    for name, (requests, steps) in frames.items():
-        text = bench_result_text(rows.loc[name], requests, steps, config, workload, model, created)
-        path = folder / "bench" / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+def write_bench_result(folder: Path, row: pd.Series, requests: pd.DataFrame, steps: pd.DataFrame, config, workload,
+                       model, created: datetime) -> None:
+    """bench/<strategy>.json of a strategy that ran: `row` is its summary row (named by the strategy)."""
+    path = folder / "bench" / f"{row.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(bench_result_text(row, requests, steps, config, workload, model, created))
 
 
 def bench_result_text(row: pd.Series, requests: pd.DataFrame, steps: pd.DataFrame, config, workload, model,

@@ -305,7 +305,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lorabench.run import add_arguments as add_run_arguments
 
     # every flag of `lorabench run`; --n-loras is a grid, --rate where the search starts, --out a folder
-    add_run_arguments(_FlagsExcept(parser, {"--n-loras", "--rate", "--out"}))
+    add_run_arguments(_FlagsExcept(parser, {"--n-loras", "--rate", "--out", "--jobs"}))
     parser.add_argument("--n-loras", default=",".join(map(str, DEFAULT_N_LORAS)),
                         help="comma-separated numbers of adapters, one search per strategy each "
                              "(default: %(default)s)")

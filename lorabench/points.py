@@ -9,11 +9,18 @@ functools.partial of one), since a backend may run them in other processes or on
     backend = local_backend(jobs)
     for point, result in backend.map_unordered(fn, points):
         ...
+
+With `on_progress`, `fn(point, ticks)` is called instead, `ticks.update(n)` saying that n more units
+of the point's work are done (tqdm's method name, so a bar or a ticker serves alike), and
+`on_progress(point, n)` runs in the caller's process as they arrive: progress bars for work done
+in other processes.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import queue
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Callable, Iterator, Protocol, Sequence, TypeVar
@@ -24,19 +31,34 @@ P = TypeVar("P")
 R = TypeVar("R")
 
 
+Progress = Callable[[P, int], None]
+
+
 class Backend(Protocol):
     """Runs `fn` on every point; yields (point, fn(point)) as each finishes. An exception in `fn`
     propagates to the caller; points not yet started are then dropped."""
 
-    def map_unordered(self, fn: Callable[[P], R], points: Sequence[P]) -> Iterator[tuple[P, R]]: ...
+    def map_unordered(self, fn: Callable[..., R], points: Sequence[P],
+                      on_progress: Progress | None = None) -> Iterator[tuple[P, R]]: ...
+
+
+class _Ticks:
+    """`update(n)` calls `on_progress(point, n)` (in this process)."""
+
+    def __init__(self, on_progress: Progress, point):
+        self.on_progress, self.point = on_progress, point
+
+    def update(self, n: int = 1) -> None:
+        self.on_progress(self.point, n)
 
 
 class InProcess:
     """One point after another, in this process (in order)."""
 
-    def map_unordered(self, fn: Callable[[P], R], points: Sequence[P]) -> Iterator[tuple[P, R]]:
+    def map_unordered(self, fn: Callable[..., R], points: Sequence[P],
+                      on_progress: Progress | None = None) -> Iterator[tuple[P, R]]:
         for point in points:
-            yield point, fn(point)
+            yield point, (fn(point) if on_progress is None else fn(point, _Ticks(on_progress, point)))
 
 
 @dataclass(frozen=True)
@@ -45,20 +67,75 @@ class LocalProcesses:
 
     jobs: int
 
-    def map_unordered(self, fn: Callable[[P], R], points: Sequence[P]) -> Iterator[tuple[P, R]]:
-        if len(points) <= 1:  # a worker would only add its start-up time (importing torch)
-            yield from InProcess().map_unordered(fn, points)
+    def map_unordered(self, fn: Callable[..., R], points: Sequence[P],
+                      on_progress: Progress | None = None) -> Iterator[tuple[P, R]]:
+        if len(points) <= 1:  # a worker would only add its start-up time
+            yield from InProcess().map_unordered(fn, points, on_progress)
             return
         # spawn, not fork: the parent may hold torch/OpenMP threads that do not survive a fork
-        pool = ProcessPoolExecutor(max_workers=min(self.jobs, len(points)), mp_context=get_context("spawn"))
+        context = get_context("spawn")
+        ticks = context.Queue() if on_progress is not None else None
+        pool = ProcessPoolExecutor(max_workers=min(self.jobs, len(points)), mp_context=context,
+                                   initializer=_worker_ticks, initargs=(ticks,))
         try:
-            futures = {pool.submit(fn, point): point for point in points}
-            for future in as_completed(futures):
-                yield futures[future], future.result()
+            futures = {pool.submit(_call, fn, i, point, ticks is not None): point for i, point in enumerate(points)}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.2 if ticks else None, return_when=FIRST_COMPLETED)
+                if ticks is not None:
+                    _drain(ticks, points, on_progress)
+                for future in done:
+                    yield futures[future], future.result()
+            if ticks is not None:  # what the last workers sent as they finished
+                _drain(ticks, points, on_progress)
         finally:
             # on an error or Ctrl-C, the points that have not started are not started; the caller
             # waits only for those already running
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+_ticks_queue = None  # in a worker: where its points' progress goes
+
+
+def _worker_ticks(ticks) -> None:
+    global _ticks_queue
+    _ticks_queue = ticks
+
+
+class _QueuedTicks:
+    """A worker's `ticks`: progress of point `index`, sent to the caller at most every 0.1 s."""
+
+    def __init__(self, index: int):
+        self.index, self.unsent, self.sent_at = index, 0, time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.unsent += n
+        if time.monotonic() - self.sent_at > 0.1:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.unsent:
+            _ticks_queue.put((self.index, self.unsent))
+            self.unsent, self.sent_at = 0, time.monotonic()
+
+
+def _call(fn: Callable[..., R], index: int, point, with_ticks: bool) -> R:
+    if not with_ticks:
+        return fn(point)
+    ticks = _QueuedTicks(index)
+    try:
+        return fn(point, ticks)
+    finally:
+        ticks.flush()
+
+
+def _drain(ticks, points: Sequence[P], on_progress: Progress) -> None:
+    while True:
+        try:
+            index, n = ticks.get_nowait()
+        except queue.Empty:
+            return
+        on_progress(points[index], n)
 
 
 def local_backend(jobs: int) -> Backend:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -83,6 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-detailed", action=argparse.BooleanOptionalAction, default=None,
                    help="per-request arrays (ttfts, itls, ...) in bench/<strategy>.json, as vllm bench serve "
                    "--save-detailed (default: only when a strategy's inter-token latencies are at most 100,000)")
+    p.add_argument("--jobs", type=int, help="strategies served in parallel processes (default: one per CPU core, "
+                   "up to the number of strategies; a measured run serves them one after another)")
     p.add_argument("--out", type=Path, help="run folder (default results/<timestamp>-<workload>-<n>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -110,11 +114,23 @@ def found_profile(args: argparse.Namespace) -> str | None:
     return None if found is None else str(found)
 
 
+# Device files of a GPU torch could use (NVIDIA, ROCm, WSL2); without one, importing torch (seconds,
+# and 200 MB) only to hear that CUDA is absent is skipped.
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
 def default_executor() -> str:
     """measured where CUDA is present, modeled elsewhere."""
+    if sys.platform == "darwin" or (sys.platform.startswith("linux") and not any(map(os.path.exists, GPU_DEVICE_FILES))):
+        return "modeled"
     import torch
 
     return "measured" if torch.cuda.is_available() else "modeled"
+
+
+def default_jobs(config: RunConfig) -> int:
+    """One process per strategy up to the CPU cores (modeled); a measured run times one strategy at a time."""
+    return min(len(config.strategies), os.cpu_count() or 1) if config.executor == "modeled" else 1
 
 
 def main(args: argparse.Namespace) -> int:
@@ -137,7 +153,10 @@ def main(args: argparse.Namespace) -> int:
         raise LorabenchError(f"--out {out}: already exists; choose a new folder")
     print(f"lorabench run: workload {workload.name} ({workload.source}), {workload.n_loras} adapters, "
           f"{config.model} on {config.device}, executor {config.executor}")
-    summary = run_experiment(config, out_dir=out, progress=not args.no_progress)
+    if args.jobs is not None and args.jobs < 1:
+        raise LorabenchError(f"--jobs {args.jobs}: must be >= 1")
+    jobs = args.jobs or default_jobs(config)
+    summary = run_experiment(config, out_dir=out, progress=not args.no_progress, jobs=jobs)
     print()
     print(format_table(summary))
     print()

@@ -11,7 +11,9 @@ Executors plug in by name: `EXECUTORS[name]` is a module with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import importlib
 import json
 from dataclasses import dataclass
@@ -23,8 +25,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lorabench import __version__
-from lorabench.bench_json import write_bench_results
+from lorabench.bench_json import write_bench_result
 from lorabench.errors import LorabenchError
+from lorabench.points import InProcess, local_backend
 from lorabench.presets import DeviceSpec, ModelShape, device_preset, model_preset
 from lorabench.results import atomic_dir, write_csv, write_json
 from lorabench.sim.costmodel import Efficiency, LoraSetup, apply_profile, load_profile
@@ -230,63 +233,84 @@ class Experiment:
         return result
 
 
-def run_experiment(config: RunConfig, out_dir: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+def run_experiment(config: RunConfig, out_dir: str | Path | None = None, progress: bool = True,
+                   jobs: int = 1) -> pd.DataFrame:
     """Serve the workload with every strategy of `config`; return the summary (one row per strategy).
 
-    With `out_dir`, also writes the run folder there atomically (it must not exist yet)."""
+    With `out_dir`, also writes the run folder there atomically (it must not exist yet). `jobs` > 1
+    serves the strategies in that many worker processes (modeled runs only: a measured run times
+    its steps on one device, one strategy after another); the results are the same."""
     if out_dir is not None and Path(out_dir).exists():
         raise LorabenchError(f"out_dir {out_dir}: already exists; choose a new folder")
     exp = Experiment.build(config)
-    slo = SLO(config.ttft_slo_ms, config.tpot_slo_ms)
-    rows, frames = [], {}
-    for name in config.strategies:
-        row = {"strategy": name, "status": "ok"}
-        bar = tqdm(total=len(exp.requests), desc=f"{name:>10}", unit="req", disable=not progress)
+    created = datetime.now(timezone.utc)
+    backend = local_backend(jobs) if config.executor == "modeled" else InProcess()
+    with atomic_dir(out_dir) if out_dir is not None else contextlib.nullcontext() as tmp:
+        bars = {name: tqdm(total=len(exp.requests), desc=f"{name:>10}", unit="req", position=i, disable=not progress)
+                for i, name in enumerate(config.strategies)}
+
+        def advance(name: str, n: int) -> None:
+            bar = bars[name]
+            bar.update(min(n, bar.total - bar.n))  # ticks may come late from another process
+
+        rows = {}
         try:
-            result = exp.serve(name, progress=bar)
-        except StrategyUnavailable as why:
-            row["status"] = str(why)
-        else:
-            row.update(summarize(result, slo))
-            row["device"] = result.device
-            frames[name] = (requests_frame(result), steps_frame(result))
+            serve = functools.partial(_serve_strategy, exp, tmp, created)
+            for name, row in backend.map_unordered(serve, config.strategies, on_progress=advance):
+                rows[name] = row
+                advance(name, bars[name].total)
         finally:
-            bar.close()
-        rows.append(row)
-    summary = _summary_frame(rows, config, exp.workload, exp.device, exp.model, len(exp.requests))
-    if out_dir is not None:
-        _write_run(out_dir, config, exp.workload, exp.model, exp.device, summary, frames)
+            for bar in bars.values():
+                bar.close()
+        summary = _summary_frame([rows[name] for name in config.strategies], exp)
+        if tmp is not None:
+            _write_config(tmp, exp, created)
+            write_csv(tmp / "summary.csv", summary)
     return summary
 
 
-def _summary_frame(rows, config, workload, device, model, n_requests) -> pd.DataFrame:
+def _serve_strategy(exp: Experiment, folder: Path | None, created: datetime, name: str, ticks) -> dict:
+    """Serve strategy `name`; write its records into `folder` (if any); return its summary row."""
+    row = {"strategy": name, "status": "ok"}
+    try:
+        result = exp.serve(name, progress=ticks)
+    except StrategyUnavailable as why:
+        row["status"] = str(why)
+        frames = pd.DataFrame(columns=REQUEST_COLUMNS), pd.DataFrame(columns=STEP_COLUMNS)
+    else:
+        row.update(summarize(result, SLO(exp.config.ttft_slo_ms, exp.config.tpot_slo_ms)))
+        row["device"] = result.device
+        frames = requests_frame(result), steps_frame(result)
+    if folder is not None:
+        write_csv(folder / "requests" / f"{name}.csv", frames[0])
+        write_csv(folder / "steps" / f"{name}.csv", frames[1])
+        if row["status"] == "ok":
+            summary = _summary_frame([row], exp).set_index("strategy", drop=False).iloc[0]
+            write_bench_result(folder, summary, *frames, exp.config, exp.workload, exp.model, created)
+    return row
+
+
+def _summary_frame(rows: list[dict], exp: Experiment) -> pd.DataFrame:
+    config, workload, device = exp.config, exp.workload, exp.device
     df = pd.DataFrame(rows)
     for col in SUMMARY_COLUMNS:
         if col not in df:
             df[col] = np.nan
     df["n_loras"] = workload.n_loras
     df["device"] = [d if isinstance(d, str) else device.name for d in df["device"]]  # measured: its own label
-    df["model"], df["workload"] = model.name, workload.name
-    df["executor"], df["requests"] = config.executor, n_requests
+    df["model"], df["workload"] = exp.model.name, workload.name
+    df["executor"], df["requests"] = config.executor, len(exp.requests)
     base = df.loc[df["strategy"] == "single", "output_throughput"]
     df["throughput_vs_single"] = df["output_throughput"] / float(base.iloc[0]) if len(base) else np.nan
     return df[list(SUMMARY_COLUMNS)]
 
 
-def _write_run(out_dir, config, workload, model, device, summary, frames) -> None:
-    created = datetime.now(timezone.utc)
-    with atomic_dir(out_dir) as tmp:
-        write_json(tmp / "config.json", {
-            "config": config.to_dict(),
-            "workload": workload.to_dict(),
-            "model": dataclasses.asdict(model),
-            "device": dataclasses.asdict(device),
-            "lorabench_version": __version__,
-            "created_utc": created.isoformat(timespec="seconds"),
-        })
-        write_csv(tmp / "summary.csv", summary)
-        for name in config.strategies:
-            req, steps = frames.get(name, (pd.DataFrame(columns=REQUEST_COLUMNS), pd.DataFrame(columns=STEP_COLUMNS)))
-            write_csv(tmp / "requests" / f"{name}.csv", req)
-            write_csv(tmp / "steps" / f"{name}.csv", steps)
-        write_bench_results(tmp, summary, frames, config, workload, model, created)
+def _write_config(folder: Path, exp: Experiment, created: datetime) -> None:
+    write_json(folder / "config.json", {
+        "config": exp.config.to_dict(),
+        "workload": exp.workload.to_dict(),
+        "model": dataclasses.asdict(exp.model),
+        "device": dataclasses.asdict(exp.device),
+        "lorabench_version": __version__,
+        "created_utc": created.isoformat(timespec="seconds"),
+    })

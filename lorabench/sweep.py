@@ -267,7 +267,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lorabench.run import add_arguments as add_run_arguments
 
     # every flag of `lorabench run`, but a sweep's --n-loras is a grid and its --out a sweep folder
-    add_run_arguments(_FlagsExcept(parser, {"--n-loras", "--out"}))
+    add_run_arguments(_FlagsExcept(parser, {"--n-loras", "--out", "--jobs"}))
     parser.add_argument(
         "--n-loras", default=",".join(map(str, DEFAULT_N_LORAS)),
         help="comma-separated numbers of adapters, one point each (default: %(default)s)",

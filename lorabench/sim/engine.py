@@ -14,6 +14,7 @@ once per iteration.
 from __future__ import annotations
 
 import dataclasses
+from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ from lorabench.workload import Requests
 
 STEP_FIELDS = ("start_s", "duration_s", "batch_size", "tokens", "prefill_tokens", "distinct_adapters",
                "memory_gib", "iterations")
+FLOAT_STEP_FIELDS = ("start_s", "duration_s", "memory_gib")
 
 
 class SimulationStuck(RuntimeError):
@@ -84,7 +86,8 @@ class Replica:
         self.load_bytes = 0
         self.load_stall_s = 0.0
         self.peak_kv = self.peak_adapters = self.peak_total = 0
-        self.rows: list[tuple] = []  # one per step record, values in STEP_FIELDS order
+        # Step records, one typed array per field (8 bytes a value, not a Python object each)
+        self.rows = {f: array("d" if f in FLOAT_STEP_FIELDS else "q") for f in STEP_FIELDS}
 
     # --- loads ----------------------------------------------------------------------------
 
@@ -143,7 +146,9 @@ class Replica:
         return total
 
     def _process(self):
-        env, s, record = self.env, self.sched, self.rows.append
+        env, s = self.env, self.sched
+        (add_start, add_duration, add_batch, add_tokens, add_prefill, add_distinct, add_memory,
+         add_iterations) = (self.rows[f].append for f in STEP_FIELDS)
         preempt = self.cfg.kv_policy == "preempt"
         while not s.done:
             s.take_arrivals(env.now)
@@ -163,8 +168,14 @@ class Replica:
             yield env.timeout(stall + duration)
             done_before = s.completed
             s.complete(step, env.now, iterations)
-            record((start, stall + duration, step.batch_size, step.num_tokens * iterations, step.prefill_tokens,
-                    step.distinct_adapters, memory / 2**30, iterations))
+            add_start(start)
+            add_duration(stall + duration)
+            add_batch(step.batch_size)
+            add_tokens(step.num_tokens * iterations)
+            add_prefill(step.prefill_tokens)
+            add_distinct(step.distinct_adapters)
+            add_memory(memory / 2**30)
+            add_iterations(iterations)
             if self.progress is not None and s.completed > done_before:
                 self.progress.update(s.completed - done_before)
 
@@ -227,13 +238,10 @@ class Replica:
         return RunResult(
             strategy=self.strategy.name, requests=self.requests,
             first_token_s=s.first_token_s, finish_s=s.finish_s,
-            steps=self._step_columns(), plan=self.plan,
+            steps={f: np.frombuffer(column, dtype=column.typecode) for f, column in self.rows.items()},
+            plan=self.plan,
             adapter_loads=self.loads, adapter_load_bytes=self.load_bytes, load_stall_s=self.load_stall_s,
             adapter_hit_rate=hit, peak_kv_bytes=self.peak_kv, peak_adapter_bytes=self.peak_adapters,
             peak_total_bytes=self.peak_total, kv_capacity_bytes=self.kv.pool.capacity,
             preemptions=s.preemptions,
         )
-
-    def _step_columns(self) -> dict[str, np.ndarray]:
-        columns = zip(*self.rows) if self.rows else ([] for _ in STEP_FIELDS)
-        return {f: np.array(column) for f, column in zip(STEP_FIELDS, columns)}

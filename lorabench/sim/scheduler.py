@@ -198,14 +198,17 @@ class Scheduler:
         form the next batch (in FCFS order, with a seat and KV memory for them) but whose adapter is
         absent. Their KV memory is counted as taken, so later requests do not overtake them and
         prefetching never outruns the memory the batch can use."""
-        cfg, cache, kv, in_use = self.cfg, self.cache, self.kv, self.in_use
-        seats = cfg.max_num_seqs - self.num_running
-        next_seats = max(seats, cfg.prefetch_ahead) if cfg.prefetch else seats
-        if self.n_waiting == 0 or next_seats == 0:
+        if self.n_waiting == 0:
             return []
-        if self._seen[0] == self.epoch:
-            if self._seen[1] == self.arrived or self._blocked:
-                return []
+        new_arrivals_only = self._seen[0] == self.epoch
+        if new_arrivals_only and (self._seen[1] == self.arrived or self._blocked):
+            return []
+        cfg, cache, kv, in_use = self.cfg, self.cache, self.kv, self.in_use
+        seats = cfg.max_num_seqs - len(self.decoding) - len(self.prefill)
+        next_seats = max(seats, cfg.prefetch_ahead) if cfg.prefetch else seats
+        if next_seats == 0:
+            return []
+        if new_arrivals_only:
             ids = np.arange(self._seen[1], self.arrived)[: cfg.scan_limit]  # only new arrivals can join
         else:
             ids = self._window(cfg.scan_limit)
