@@ -62,10 +62,10 @@ def tree_rss_kib(pid: int) -> int:
     return total
 
 
-def time_command(command: list[str], env: dict) -> tuple[float, float]:
+def time_command(command: list[str], env: dict, cwd: str) -> tuple[float, float]:
     """(wall seconds, peak resident MiB of the process tree, sampled every 50 ms)."""
     start, peak = time.perf_counter(), 0
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while proc.poll() is None:
         peak = max(peak, tree_rss_kib(proc.pid))
         time.sleep(0.05)
@@ -96,12 +96,13 @@ def main() -> None:
         env["PYTHONPATH"] = str(code)
     results = []
     for n in (int(x) for x in args.requests.split(",")):
+        # run from an empty folder: `python -m` and `-c` put the working directory first on the path
         with tempfile.TemporaryDirectory() as tmp:
             command = [sys.executable, "-m", "lorabench", "run", "--workload", "zipf", "--n-loras", "1024",
                        "--requests", str(n), "--no-progress", "--out", str(Path(tmp) / "run")]
-            wall, peak_mib = time_command(command, env)
-        alone = json.loads(subprocess.run([sys.executable, "-c", SERVE_ALONE, str(n)], env=env, check=True,
-                                          capture_output=True, text=True).stdout)
+            wall, peak_mib = time_command(command, env, tmp)
+            alone = json.loads(subprocess.run([sys.executable, "-c", SERVE_ALONE, str(n)], env=env, cwd=tmp,
+                                              check=True, capture_output=True, text=True).stdout)
         result = {
             "label": args.label, "requests": n, "n_loras": 1024, "workload": "zipf",
             "command_wall_s": round(wall, 2), "command_peak_rss_mib": round(peak_mib),

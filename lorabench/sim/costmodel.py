@@ -149,6 +149,8 @@ class ModeledExecutor:
         self._cluster_of = None if lora.clusters is None else lora.clusters.tolist()
         self._memo: dict[tuple, float] = {}
         self._batch_figure: tuple = (None, 0)  # (batch_id, value) of `_of_batch`
+        self._last_ids: frozenset[int] = frozenset()  # `_clusters_present`: the last batch's adapters
+        self._cluster_counts = [0] * self._n_clusters  # and how many of them each cluster has
 
     # --- roofline pieces ------------------------------------------------------------------
 
@@ -214,7 +216,16 @@ class ModeledExecutor:
         return seconds
 
     def _clusters_present(self, adapter_ids: frozenset[int]) -> int:
-        return len({self._cluster_of[a] for a in adapter_ids})
+        """Clusters with an adapter in the batch: counted from the last batch's by the adapters that
+        came and went (a batch differs from the one before by a request or two)."""
+        last, counts = self._last_ids, self._cluster_counts
+        came, went = adapter_ids - last, last - adapter_ids
+        for a in came:
+            counts[self._cluster_of[a]] += 1
+        for a in went:
+            counts[self._cluster_of[a]] -= 1
+        self._last_ids = adapter_ids
+        return self._n_clusters - counts.count(0)
 
     def _rank_sum(self, adapter_ids: frozenset[int]) -> int:
         return sum(self._rank_of[a] for a in adapter_ids)
