@@ -14,6 +14,7 @@ from lorabench.errors import LorabenchError
 from lorabench.presets import DEVICES, MODELS
 from lorabench.results import default_run_dir
 from lorabench.runner import EXECUTORS, KV_POLICIES, Experiment, RunConfig, run_experiment
+from lorabench.sim.memory import EVICTION_POLICIES
 from lorabench.strategies import parse_strategies
 from lorabench.workload import builtin_workloads
 
@@ -78,6 +79,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-loras", type=int, help="per-lora GPU adapter slots (default: matched memory with compressed)")
     p.add_argument("--max-cpu-loras", type=int, help="per-lora host-memory adapter cache (default: all)")
+    p.add_argument("--eviction", default="lru", choices=EVICTION_POLICIES,
+                   help="which unused adapter leaves the GPU first when room is needed (per-lora, paged): least "
+                   "recently used, first loaded, or least frequently used (default: %(default)s)")
+    p.add_argument("--pin-hot", type=int, default=0, metavar="K",
+                   help="the K adapters with the most requests stay on the GPU from the start and are never evicted")
     p.add_argument("--packed-adapters", action="store_true",
                    help="adapters in one contiguous host buffer each: one copy per load instead of one per tensor")
     p.add_argument("--ttft-slo-ms", type=float, default=2000.0)
@@ -101,7 +107,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         cuda_graphs=not args.eager, gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, chunked_prefill=args.chunked_prefill,
         kv_policy=args.kv_policy, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
-        packed_adapters=args.packed_adapters, time_scale=args.time_scale, trace_window=args.trace_window,
+        packed_adapters=args.packed_adapters, eviction=args.eviction, pin_hot=args.pin_hot,
+        time_scale=args.time_scale, trace_window=args.trace_window,
         ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms, save_detailed=args.save_detailed,
     )
 
@@ -141,7 +148,7 @@ def main(args: argparse.Namespace) -> int:
         msg = str(err)
         for field in ("n_loras", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "max_loras",
                       "max_cpu_loras", "ttft_slo_ms", "tpot_slo_ms", "requests", "rate", "duration", "alpha", "ranks",
-                      "time_scale", "trace_window"):
+                      "time_scale", "trace_window", "pin_hot"):
             if msg.startswith(field + " "):
                 flag = "--rank" if field == "ranks" else "--" + field.replace("_", "-")
                 msg = flag + msg[len(field):]

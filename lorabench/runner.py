@@ -33,7 +33,7 @@ from lorabench.results import atomic_dir, write_csv, write_json
 from lorabench.sim.costmodel import Efficiency, LoraSetup, apply_profile, load_profile
 from lorabench.sim.engine import Replica, RunResult, SimulationStuck
 from lorabench.sim.executor import Executor
-from lorabench.sim.memory import MemoryPlan, kv_bytes_per_token, plan_memory
+from lorabench.sim.memory import EVICTION_POLICIES, MemoryPlan, kv_bytes_per_token, plan_memory
 from lorabench.sim.metrics import (
     REQUEST_COLUMNS, SLO, STEP_COLUMNS, SUMMARY_COLUMNS, requests_frame, steps_frame, summarize,
 )
@@ -78,6 +78,8 @@ class RunConfig:
     max_cpu_loras: int | None = None  # host-memory adapter cache (None: all adapters in host memory)
     storage_bandwidth: float = 2e9  # bytes/s reading an adapter missing from the host cache
     packed_adapters: bool = False  # one host buffer per adapter: a load is one copy, not one per tensor
+    eviction: str = "lru"  # which unused adapter leaves the GPU first: lru, fifo or lfu (sim/memory.py)
+    pin_hot: int = 0  # the K adapters with the most requests stay on the GPU from the start, never evicted
     ttft_slo_ms: float = 2000.0
     tpot_slo_ms: float = 100.0
     save_detailed: bool | None = None  # bench/*.json per-request arrays: None = only for small runs (bench_json.py)
@@ -111,6 +113,8 @@ class RunConfig:
             ("max_loras", self.max_loras is None or self.max_loras >= 1, ">= 1"),
             ("max_cpu_loras", self.max_cpu_loras is None or self.max_cpu_loras >= 1, ">= 1"),
             ("storage_bandwidth", self.storage_bandwidth > 0, "> 0"),
+            ("eviction", self.eviction in EVICTION_POLICIES, f"one of {', '.join(EVICTION_POLICIES)}"),
+            ("pin_hot", self.pin_hot >= 0, ">= 0"),
             ("executor", self.executor in EXECUTORS, f"one of {', '.join(EXECUTORS)}"),
             ("ttft_slo_ms", self.ttft_slo_ms > 0, "> 0"),
             ("tpot_slo_ms", self.tpot_slo_ms > 0, "> 0"),
@@ -207,6 +211,20 @@ class Experiment:
         return plan_memory(strategy, self.model.params * 2, self.device.memory_bytes, cfg.gpu_memory_utilization,
                            self.workload.n_loras, cfg.max_loras, matched)
 
+    def pinned(self, strategy: Strategy, plan: MemoryPlan) -> tuple[int, ...]:
+        """The adapters `pin_hot` keeps on the GPU: those with the most requests in the stream (ties:
+        the lower id). Raises StrategyUnavailable when they leave no room for the others."""
+        k = self.config.pin_hot
+        if k == 0 or plan.preload:  # single and compressed hold every adapter they serve from the start
+            return ()
+        counts = np.bincount(self.requests.adapter, minlength=self.workload.n_loras)
+        hot = tuple(int(a) for a in np.argsort(-counts, kind="stable")[:k])
+        if plan.max_distinct is not None and k >= plan.slots:
+            raise StrategyUnavailable(f"pin_hot {k} leaves no GPU slot for the other adapters ({plan.slots} slots)")
+        if strategy.adapter_bytes[list(hot)].sum() > plan.adapter_capacity // 2:
+            raise StrategyUnavailable(f"pin_hot {k}: the pinned adapters take over half the adapter memory")
+        return hot
+
     def serve(self, name: str, executor: Executor | None = None, progress=None) -> RunResult:
         """Run strategy `name` on the request stream. `executor` replaces the configured one.
         Raises StrategyUnavailable when it cannot (its memory does not fit, or a request never can)."""
@@ -224,7 +242,8 @@ class Experiment:
         )
         replica = Replica(self.requests, strategy, plan, executor, sched,
                           kv_bytes_per_token(self.model.layers, self.model.kv_dim), cfg.max_cpu_loras,
-                          cfg.storage_bandwidth, progress=progress)
+                          cfg.storage_bandwidth, progress=progress, eviction=cfg.eviction,
+                          pinned=self.pinned(strategy, plan))
         try:
             result = replica.run()
         except SimulationStuck as err:

@@ -1,9 +1,8 @@
 """The simulator's shortcuts against the plain computations they replace: a step's running totals
 against its arrays, a run of decode durations against one call per iteration, the eviction heap
-against a scan of the LRU order, incremental cluster counts, and the CSV writer against pandas."""
+against sorting by each policy's key, incremental cluster counts, and the CSV writer against pandas."""
 
 import dataclasses
-from collections import OrderedDict
 
 import numpy as np
 import pandas as pd
@@ -105,47 +104,67 @@ def test_clusters_present_counted_incrementally_equals_a_fresh_count():
         assert ex._clusters_present(frozenset(ids)) == len(np.unique(clusters[list(ids)]))
 
 
-class ScanLRU:
-    """The reference: resident adapters in an OrderedDict by last use, evictions by a scan from
-    the least recent, skipping pinned and loading ones."""
+class ScanCache:
+    """The reference: on every eviction, sort the resident adapters no request uses (and not being
+    loaded, not pinned) by the policy's key, and take them in that order."""
 
-    def __init__(self, sizes, capacity, in_use):
-        self.sizes, self.capacity, self.in_use = sizes, capacity, in_use
-        self.lru, self.loading, self.used = OrderedDict(), set(), 0
+    def __init__(self, sizes, capacity, in_use, policy, pinned):
+        self.sizes, self.capacity, self.in_use, self.policy, self.pinned = sizes, capacity, in_use, policy, pinned
+        self.resident, self.loading, self.used, self.clock = set(), set(), 0, 0
+        self.last, self.placed, self.uses = {}, {}, {a: 0 for a in range(len(sizes))}
+        for a in pinned:
+            self._place(a)
+
+    def key(self, a):
+        return {"lru": self.last[a], "fifo": self.placed[a], "lfu": (self.uses[a], self.last[a])}[self.policy]
 
     def make_room(self, nbytes):
+        candidates = sorted((a for a in self.resident if self.in_use[a] == 0 and a not in self.loading
+                             and a not in self.pinned), key=self.key)
         victims, freed = [], 0
-        for a in self.lru:
+        for a in candidates:
             if self.capacity - self.used + freed >= nbytes:
                 break
-            if self.in_use[a] == 0 and a not in self.loading:
-                victims.append(a)
-                freed += self.sizes[a]
+            victims.append(a)
+            freed += self.sizes[a]
         if self.capacity - self.used + freed < nbytes:
             return False
         for a in victims:
-            del self.lru[a]
+            self.resident.discard(a)
             self.used -= self.sizes[a]
         return True
+
+    def _place(self, a):
+        self.clock += 1
+        self.last[a] = self.placed[a] = self.clock
+        self.resident.add(a)
+        self.used += self.sizes[a]
 
     def reserve(self, a):
         if not self.make_room(self.sizes[a]):
             return False
-        self.lru[a] = None
-        self.used += self.sizes[a]
+        self._place(a)
         self.loading.add(a)
         return True
 
+    def touch(self, a):
+        self.clock += 1
+        self.last[a] = self.clock
+        self.uses[a] += 1
 
-def test_eviction_heap_evicts_what_a_scan_of_the_lru_order_does():
-    rng = np.random.default_rng(1)
+
+@pytest.mark.parametrize("policy", ["lru", "fifo", "lfu"])
+@pytest.mark.parametrize("pinned", [(), (3, 17)])
+def test_eviction_heap_evicts_what_sorting_by_the_policy_does(policy, pinned):
+    rng = np.random.default_rng(len(policy) + len(pinned))
     model = model_preset("tiny")
     ranks = rng.choice([8, 16, 32], 60)
     strategy = build_strategy("paged", model, ranks, ("q_proj", "v_proj"), 64, 1)
     sizes = strategy.adapter_bytes.tolist()
     capacity = int(strategy.adapter_bytes.mean() * 12)
     in_use_a, in_use_b = np.zeros(60, dtype=np.int64), np.zeros(60, dtype=np.int64)
-    cache, ref = AdapterCache(Pool(capacity), strategy, in_use_a, None), ScanLRU(sizes, capacity, in_use_b)
+    cache = AdapterCache(Pool(capacity), strategy, in_use_a, None, policy=policy, pinned=pinned)
+    ref = ScanCache(sizes, capacity, in_use_b, policy, set(pinned))
     for _ in range(3000):
         a, op = int(rng.integers(60)), rng.random()
         if op < 0.35 and not cache.resident[a]:
@@ -157,14 +176,16 @@ def test_eviction_heap_evicts_what_a_scan_of_the_lru_order_does():
             cache.pin(a)
             in_use_b[a] += 1
             cache.touch(a)
-            ref.lru.move_to_end(a)
+            ref.touch(a)
         elif in_use_a[a]:
             cache.unpin(a)
             in_use_b[a] -= 1
         elif op > 0.95:
             need = int(rng.integers(1, capacity))
             assert cache.make_room(need) == ref.make_room(need)
-        assert [a for a in range(60) if cache.resident[a]] == sorted(ref.lru) and cache.used == ref.used
+        resident = {a for a in range(60) if cache.resident[a]}
+        assert resident == ref.resident and cache.used == ref.used
+    assert all(cache.resident[a] for a in pinned)
 
 
 def test_csv_text_equals_pandas_to_csv():

@@ -60,7 +60,7 @@ class RunResult:
 class Replica:
     def __init__(self, requests: Requests, strategy: Strategy, plan: MemoryPlan, executor: Executor,
                  config: SchedulerConfig, kv_bytes_per_token: int, host_slots: int | None = None,
-                 storage_bandwidth: float = 2e9, progress=None):
+                 storage_bandwidth: float = 2e9, progress=None, eviction: str = "lru", pinned: tuple[int, ...] = ()):
         self.env = simpy.Environment()
         self.strategy, self.plan, self.executor = strategy, plan, executor
         self.storage_bandwidth = storage_bandwidth
@@ -74,7 +74,7 @@ class Replica:
         else:
             adapter_pool, kv_pool = Pool(plan.adapter_capacity), Pool(plan.kv_capacity)
         preloaded = range(plan.slots) if plan.preload else ()
-        self.cache = AdapterCache(adapter_pool, strategy, self.in_use, host_slots, preloaded)
+        self.cache = AdapterCache(adapter_pool, strategy, self.in_use, host_slots, preloaded, eviction, pinned)
         self.kv = KVCache(kv_pool, config.block_size, kv_bytes_per_token, self.cache if strategy.shared_pool else None)
         config = dataclasses.replace(config, max_distinct=plan.max_distinct, prefetch=strategy.prefetch)
         self.cfg = config

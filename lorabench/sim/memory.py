@@ -95,32 +95,45 @@ def plan_memory(strategy: Strategy, weights: int, device_bytes: int, utilization
     return MemoryPlan(budget, weights, shared, slots * slot, budget - shared - slots * slot, slots, slots, False)
 
 
+EVICTION_POLICIES = ("lru", "fifo", "lfu")
+
+
 class AdapterCache:
-    """Adapters resident on the GPU, evicted least recently used among those no running request uses.
+    """Adapters resident on the GPU; when room is needed, an adapter no running request uses is
+    evicted by the policy: `lru` the least recently used (placed, or admitted a request), `fifo` the
+    one placed longest ago, `lfu` the one that admitted the fewest requests so far in the run (then
+    the least recently used). `pinned` adapters are never evicted (`--pin-hot`).
 
     `in_use[a]` counts running requests on adapter a: the scheduler pins an adapter for each
     (`pin`, `unpin`); an adapter being loaded is pinned too. Evictable adapters (resident, unpinned,
-    loaded) wait in a heap by when they were last used (placed, or admitted a request), so an
-    eviction costs no scan of the pinned ones. The host cache (vLLM's max_cpu_loras) is an LRU of
-    adapters in host memory; a miss there reads the adapter from storage first.
+    loaded) wait in a heap by their policy's key, so an eviction costs no scan of the pinned ones.
+    The host cache (vLLM's max_cpu_loras) is an LRU of adapters in host memory; a miss there reads
+    the adapter from storage first.
     """
 
     def __init__(self, pool: Pool, strategy: Strategy, in_use: np.ndarray, host_slots: int | None,
-                 preloaded: Iterable[int] = ()):
-        self.pool, self.strategy, self.in_use = pool, strategy, in_use
+                 preloaded: Iterable[int] = (), policy: str = "lru", pinned: Iterable[int] = ()):
+        if policy not in EVICTION_POLICIES:
+            raise ValueError(f"eviction policy {policy!r}: expected one of {', '.join(EVICTION_POLICIES)}")
+        self.pool, self.strategy, self.in_use, self.policy = pool, strategy, in_use, policy
         n = len(strategy.adapter_bytes)
         self._bytes = strategy.adapter_bytes.tolist()
         # Flags per adapter, as lists: the scheduler reads them one adapter at a time.
         self.resident = [False] * n
         self.loading = [False] * n  # resident but its copy has not landed yet
         self.fresh = [False] * n  # copied in and not used by an admitted request yet
+        self._pinned = [False] * n
         self._clock = 0
         self._last_used = [0] * n  # when it was last placed or admitted a request (a counter)
-        self._evictable: list[tuple[int, int]] = []  # heap of (last used, adapter); stale entries skipped
+        self._placed = [0] * n  # when it was last placed
+        self._uses = [0] * n  # requests it admitted
+        self._evictable: list[tuple] = []  # heap of (policy key, adapter); stale entries are skipped
         self.host: OrderedDict[int, None] | None = None if host_slots is None else OrderedDict()
         self.host_slots = host_slots
         self.used = 0
-        for a in preloaded:
+        for a in pinned:
+            self._pinned[a] = True
+        for a in dict.fromkeys([*pinned, *preloaded]):
             self._place(a)
             self._may_evict(a)
 
@@ -135,9 +148,10 @@ class AdapterCache:
         """Adapter a (pinned) admitted a request."""
         self._clock += 1
         self._last_used[a] = self._clock
+        self._uses[a] += 1
 
     def make_room(self, nbytes: int) -> bool:
-        """Evict unpinned adapters, least recently used first, until `nbytes` are free."""
+        """Evict unpinned adapters in the policy's order until `nbytes` are free."""
         free = self.pool.capacity - self.pool.used
         if nbytes <= free:
             return True
@@ -145,7 +159,7 @@ class AdapterCache:
         while free + freed < nbytes and self._evictable:
             entry = heapq.heappop(self._evictable)
             a = entry[1]
-            if self._is_evictable(a) and self._last_used[a] == entry[0] and a not in victims:
+            if self._is_evictable(a) and self._key(a) == entry[0] and a not in victims:
                 victims[a] = entry
                 freed += self._bytes[a]
         if free + freed < nbytes:
@@ -182,11 +196,19 @@ class AdapterCache:
         return True
 
     def _is_evictable(self, a: int) -> bool:
-        return self.resident[a] and not self.loading[a] and self.in_use[a] == 0
+        return self.resident[a] and not self.loading[a] and self.in_use[a] == 0 and not self._pinned[a]
+
+    def _key(self, a: int):
+        """Evicted first: the smallest key (it changes only while the adapter is in use or loading)."""
+        if self.policy == "lru":
+            return self._last_used[a]
+        if self.policy == "fifo":
+            return self._placed[a]
+        return self._uses[a], self._last_used[a]
 
     def _may_evict(self, a: int) -> None:
         if self._is_evictable(a):
-            heapq.heappush(self._evictable, (self._last_used[a], a))
+            heapq.heappush(self._evictable, (self._key(a), a))
 
     def _place(self, a: int) -> None:
         size = self._bytes[a]
@@ -194,7 +216,7 @@ class AdapterCache:
         self.used += size
         self.resident[a] = True
         self._clock += 1
-        self._last_used[a] = self._clock
+        self._last_used[a] = self._placed[a] = self._clock
 
     def _evict(self, a: int) -> None:
         size = self._bytes[a]
