@@ -112,13 +112,12 @@ def bench_result_text(row: pd.Series, requests: pd.DataFrame, steps: pd.DataFram
         "detailed": with_detail, "version": __version__,
     }
     if with_detail:
-        lo, hi = _decode_windows(steps, first, finish)
         result.update({
             "input_lens": prompt.tolist(),
             "output_lens": output.tolist(),
             "start_times": arrival.tolist(),
             "ttfts": ttft.tolist(),
-            "itls": nested_lists(_gather(np.repeat(iteration_s, steps["iterations"].to_numpy()), lo, hi), hi - lo),
+            "itls": _itls(requests, steps),
             "latencies": e2el.tolist(),
             "errors": [""] * len(requests),
         })
@@ -153,6 +152,24 @@ def _weighted_std(values: np.ndarray, weights: np.ndarray) -> float:
     w = weights.astype(np.float64)
     mean = (values * w).sum() / w.sum()
     return float(np.sqrt((w * (values - mean) ** 2).sum() / w.sum()))
+
+
+def _itls(requests: pd.DataFrame, steps: pd.DataFrame) -> list[list[float]]:
+    """Each request's inter-token latencies: the iterations of its replica (the only one without a
+    cluster) from its first token to its finish."""
+    if "replica" not in steps:
+        return _itls_of_one_replica(requests, steps)
+    itls: list = [None] * len(requests)
+    for g, on_g in requests.groupby("replica", sort=False):
+        for i, itl in zip(on_g.index, _itls_of_one_replica(on_g, steps[steps["replica"] == g])):
+            itls[i] = itl
+    return itls
+
+
+def _itls_of_one_replica(requests: pd.DataFrame, steps: pd.DataFrame) -> list[list[float]]:
+    iteration_s, _ = _iterations(steps)
+    lo, hi = _decode_windows(steps, requests["first_token_s"].to_numpy(), requests["finish_s"].to_numpy())
+    return nested_lists(_gather(np.repeat(iteration_s, steps["iterations"].to_numpy()), lo, hi), hi - lo)
 
 
 def _decode_windows(steps: pd.DataFrame, first: np.ndarray, finish: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,7 @@
 """`lorabench capacity`: per strategy and number of adapters, the highest request rate that meets the SLOs.
 
-For each strategy (single-LoRA included: the baseline) and each number of adapters, a search
+For each strategy (single-LoRA included: the baseline), each number of adapters and each number of
+replicas (`--replicas 1,2,4,8`: GPUs behind the router, sim/cluster.py), a search
 (`rate_search.find_capacity`: bracketing from the start rate, then bisection) finds the highest
 arrival rate at which p99 TTFT and p99 TPOT stay within the SLOs (or, with a goodput target, the
 fraction of requests meeting both SLOs stays at or above it). Every rate is served on the same
@@ -9,15 +10,15 @@ rate (see `Workload.generate`). Rates the strategy cannot serve count as failing
 
 A capacity folder holds:
 
-    config.json        the run config (without n_loras, rate and strategies) and the search settings
-    capacity.csv       one row per (n_loras, strategy): max_rate and the metrics there, what bound it,
-                       the evaluations it took; rewritten after every finished search
+    config.json        the run config (without n_loras, replicas, rate and strategies) and the search settings
+    capacity.csv       one row per (n_loras, replicas, strategy): max_rate and the metrics there, what
+                       bound it, the evaluations it took; rewritten after every finished search
     evaluations.csv    every rate each finished search tried, in order, passed or not and why
-    evaluations/<strategy>/<n_loras>/rate-<rate>.json
+    evaluations/<strategy>/<n_loras>[x<replicas>]/rate-<rate>.json
                        one simulation each (strategy served alone at that rate), written atomically
     charts/capacity.png, .svg   the highest rate against the number of adapters, one line per strategy
 
-One evaluation is a pure function of (run config, strategy, n_loras, rate), so the folder caches
+One evaluation is a pure function of (run config, strategy, n_loras, replicas, rate), so the folder caches
 them: rerunning the same command replays every search from the cache and continues where it
 stopped. Search settings (--rate, --rate-tol, --max-rate, --goodput-target) may change between runs,
 reusing every cached rate the new searches visit; a different run config (the SLO flags included) in
@@ -53,12 +54,12 @@ CEILING_FACTOR = 1024  # without --max-rate, the search goes up to start x this 
 
 # capacity.csv columns, in order; the chart reads the first ones and the context columns
 CAPACITY_COLUMNS = (
-    "strategy", "n_loras", "status", "max_rate", "request_throughput", "output_throughput", "ttft_p99_ms",
+    "strategy", "n_loras", "replicas", "status", "max_rate", "request_throughput", "output_throughput", "ttft_p99_ms",
     "tpot_p99_ms", "goodput_fraction", "bound_by", "failing_rate", "iterations", "objectives",
     "device", "model", "workload", "executor", "requests",
 )
 EVALUATION_COLUMNS = (
-    "strategy", "n_loras", "iteration", "rate", "passed", "failed", "request_throughput", "output_throughput",
+    "strategy", "n_loras", "replicas", "iteration", "rate", "passed", "failed", "request_throughput", "output_throughput",
     "ttft_p99_ms", "tpot_p99_ms", "goodput_fraction",
 )
 REPORTED_METRICS = ("request_throughput", "output_throughput", "ttft_p99_ms", "tpot_p99_ms", "goodput_fraction")
@@ -138,14 +139,15 @@ def simulate(config: RunConfig, strategy: str) -> dict[str, Any]:
     return {"status": "ok", **metrics, "device": result.device or exp.device.name}
 
 
-def evaluation_path(out: Path, strategy: str, n_loras: int, rate: float) -> Path:
-    return out / "evaluations" / strategy / str(n_loras) / f"rate-{rate!r}.json"
+def evaluation_path(out: Path, strategy: str, n_loras: int, replicas: int, rate: float) -> Path:
+    where = str(n_loras) if replicas == 1 else f"{n_loras}x{replicas}"
+    return out / "evaluations" / strategy / where / f"rate-{rate!r}.json"
 
 
 def cached_evaluation(out: Path, config: RunConfig, strategy: str, rate: float) -> dict[str, Any]:
     """`simulate` at `rate`, read from the folder's cache when the same config made it there."""
     config = dataclasses.replace(config, rate=rate)
-    path = evaluation_path(out, strategy, config.n_loras, rate)
+    path = evaluation_path(out, strategy, config.n_loras, config.replicas, rate)
     wanted = {"strategy": strategy, "config": config_dict(config)}
     try:
         record = json.loads(path.read_text())
@@ -167,7 +169,7 @@ class SearchTask:
     """Everything one search needs (picklable: it may run in a worker process)."""
 
     out: Path
-    config: RunConfig  # n_loras set; the rate is what the search varies
+    config: RunConfig  # n_loras and replicas set; the rate is what the search varies
     strategy: str
     settings: SearchSettings
 
@@ -183,7 +185,7 @@ def run_search(task: SearchTask) -> SearchOutcome:
     from lorabench.runner import Experiment
 
     cfg, s = task.config, task.settings
-    row = {"strategy": task.strategy, "n_loras": cfg.n_loras, "objectives": "; ".join(map(str, s.objectives)),
+    row = {"strategy": task.strategy, "n_loras": cfg.n_loras, "replicas": cfg.replicas, "objectives": "; ".join(map(str, s.objectives)),
            "device": cfg.device, "model": cfg.model, "workload": Path(cfg.workload).stem,
            "executor": cfg.executor}
     # refusals that no rate changes (adapters that do not fit, a prompt longer than a batch) need no search
@@ -216,7 +218,8 @@ def outcome_row(row: dict[str, Any], result: CapacityResult) -> dict[str, Any]:
 
 
 def evaluation_row(task: SearchTask, iteration: int, e: Evaluation) -> dict[str, Any]:
-    return {"strategy": task.strategy, "n_loras": task.config.n_loras, "iteration": iteration, "rate": e.rate,
+    return {"strategy": task.strategy, "n_loras": task.config.n_loras, "replicas": task.config.replicas,
+            "iteration": iteration, "rate": e.rate,
             "passed": e.passed, "failed": "; ".join(e.failed), **{m: e.metrics.get(m, math.nan) for m in
                                                                   REPORTED_METRICS}}
 
@@ -224,11 +227,13 @@ def evaluation_row(task: SearchTask, iteration: int, e: Evaluation) -> dict[str,
 # --- the capacity run ---------------------------------------------------------------------------
 
 
-def capacity_config_dict(base: RunConfig, n_loras: list[int], settings: SearchSettings) -> dict:
+def capacity_config_dict(base: RunConfig, n_loras: list[int], settings: SearchSettings,
+                         replicas: list[int] = (1,)) -> dict:
     run = config_dict(base)
-    for searched in ("n_loras", "rate", "strategies"):  # each search sets its own
+    for searched in ("n_loras", "replicas", "rate", "strategies"):  # each search sets its own
         run.pop(searched, None)
-    return {"run": run, "strategies": list(base.strategies), "n_loras": list(n_loras), "search": settings.to_dict()}
+    return {"run": run, "strategies": list(base.strategies), "n_loras": list(n_loras), "replicas": list(replicas),
+            "search": settings.to_dict()}
 
 
 def run_capacity(
@@ -238,28 +243,29 @@ def run_capacity(
     settings: SearchSettings,
     jobs: int = 1,
     progress: bool = True,
+    replicas: list[int] = (1,),
 ) -> pd.DataFrame:
-    """Run (or resume) every search of `base`'s strategies over `n_loras` into `out`; return the
-    capacity table (also written to out/capacity.csv, with evaluations.csv and the chart)."""
+    """Run (or resume) every search of `base`'s strategies over `n_loras` x `replicas` into `out`;
+    return the capacity table (also written to out/capacity.csv, with evaluations.csv and the chart)."""
     backend = local_backend(jobs)
     out = Path(out)
     start_rate(base)  # a workload without a rate to search is refused before anything is written
-    wanted = capacity_config_dict(base, n_loras, settings)
+    wanted = capacity_config_dict(base, n_loras, settings, replicas)
     check_same_sweep(out, wanted, kind="capacity search")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", json.dumps(wanted, indent=2) + "\n")
 
-    tasks = [SearchTask(out, dataclasses.replace(base, n_loras=n, rate=None, strategies=(s,)), s, settings)
-             for n in n_loras for s in base.strategies]
-    order = {(t.config.n_loras, t.strategy): i for i, t in enumerate(tasks)}
+    tasks = [SearchTask(out, dataclasses.replace(base, n_loras=n, replicas=g, rate=None, strategies=(s,)), s, settings)
+             for n in n_loras for g in replicas for s in base.strategies]
+    order = {(t.config.n_loras, t.config.replicas, t.strategy): i for i, t in enumerate(tasks)}
     done: dict[int, SearchOutcome] = {}
     bar = tqdm(total=len(tasks), desc="capacity searches", unit="search", disable=not progress)
     try:
         for task, outcome in backend.map_unordered(run_search, tasks):
-            done[order[task.config.n_loras, task.strategy]] = outcome
+            done[order[task.config.n_loras, task.config.replicas, task.strategy]] = outcome
             write_tables(out, [done[i] for i in sorted(done)])
             found = outcome.row.get("max_rate", math.nan)
-            bar.set_postfix_str(f"{task.strategy} N={task.config.n_loras}: "
+            bar.set_postfix_str(f"{task.strategy} N={task.config.n_loras} G={task.config.replicas}: "
                                 f"{'-' if math.isnan(found) else f'{found:.3g}'} req/s")
             bar.update()
     finally:
@@ -305,12 +311,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lorabench.run import add_arguments as add_run_arguments
 
     # every flag of `lorabench run`; --n-loras is a grid, --rate where the search starts, --out a folder
-    add_run_arguments(_FlagsExcept(parser, {"--n-loras", "--rate", "--out", "--jobs"}))
+    add_run_arguments(_FlagsExcept(parser, {"--n-loras", "--rate", "--out", "--jobs", "--replicas"}))
     parser.add_argument("--n-loras", default=",".join(map(str, DEFAULT_N_LORAS)),
                         help="comma-separated numbers of adapters, one search per strategy each "
                              "(default: %(default)s)")
+    parser.add_argument("--replicas", default="1",
+                        help="comma-separated numbers of replicas (GPUs behind --router), one search per strategy "
+                             "and number of adapters each (default: %(default)s)")
     parser.add_argument("--rate", type=float, default=None,
                         help="rate the searches start from, req/s (default: the workload's)")
+    parser.add_argument("--target-rate", type=float, default=None,
+                        help="also print, per strategy and number of adapters, the fewest replicas that sustain "
+                             "this rate (req/s)")
     parser.add_argument("--goodput-target", type=float, default=None,
                         help="instead of p99 TTFT <= --ttft-slo-ms and p99 TPOT <= --tpot-slo-ms: at least this "
                              "fraction of requests meets both SLOs (e.g. 0.99)")
@@ -329,13 +341,15 @@ def main(args: argparse.Namespace) -> int:
     from lorabench.run import config_from_args
 
     n_loras = parse_n_loras(args.n_loras)
-    args.n_loras = None  # the base config has none: each search sets its own
+    replicas = parse_replicas(args.replicas)
+    args.n_loras, args.replicas = None, 1  # the base config has none: each search sets its own
     base = config_from_args(args)
     settings = SearchSettings(objectives_for(base, args.goodput_target), start_rate(base), args.rate_tol,
                               args.max_rate)
     out = args.out or Path("results") / f"capacity-{Path(base.workload).stem}"
-    table = run_capacity(base, n_loras, out, settings, jobs=args.jobs, progress=not args.no_progress)
-    shown = ["n_loras", "strategy", "status", "max_rate", "output_throughput", "ttft_p99_ms", "tpot_p99_ms",
+    table = run_capacity(base, n_loras, out, settings, jobs=args.jobs, progress=not args.no_progress,
+                         replicas=replicas)
+    shown = ["n_loras", "replicas", "strategy", "status", "max_rate", "output_throughput", "ttft_p99_ms", "tpot_p99_ms",
              "goodput_fraction", "bound_by", "iterations"]
     with pd.option_context("display.width", 200, "display.max_rows", 500, "display.max_colwidth", 40):
         print(table[shown].to_string(index=False, float_format="%.3g"))
@@ -343,4 +357,31 @@ def main(args: argparse.Namespace) -> int:
     print(f"\n{kind} ({base.executor} executor, {base.model} on {base.device}); max_rate: the highest arrival rate "
           f"(req/s) found meeting {'; '.join(map(str, settings.objectives))} to within {settings.rel_tol:g}.\n"
           f"wrote {out / 'capacity.csv'}, {out / 'evaluations.csv'} and {out / 'charts' / 'capacity.png'}")
+    if args.target_rate is not None:
+        print(f"\nFewest replicas ({base.router} router) that sustain {args.target_rate:g} req/s:")
+        print(fewest_replicas(table, args.target_rate).to_string(index=False))
     return 0
+
+
+def parse_replicas(text: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise LorabenchError(f"--replicas {text!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
+    if not values or values[0] < 1:
+        raise LorabenchError(f"--replicas {text!r}: every number of replicas must be >= 1")
+    return values
+
+
+def fewest_replicas(table: pd.DataFrame, target_rate: float) -> pd.DataFrame:
+    """Per strategy and number of adapters: the fewest replicas whose max_rate reaches `target_rate`
+    ("more than G" when none of those searched does)."""
+    rows = []
+    for (n, strategy), group in table.groupby(["n_loras", "strategy"], sort=False):
+        enough = group[group["max_rate"] >= target_rate]
+        most = int(group["replicas"].max())
+        fewest = enough.loc[enough["replicas"].idxmin()] if len(enough) else None
+        rows.append({"n_loras": n, "strategy": strategy,
+                     "replicas": str(int(fewest["replicas"])) if fewest is not None else f"more than {most}",
+                     "their max_rate": fewest["max_rate"] if fewest is not None else group["max_rate"].max()})
+    return pd.DataFrame(rows)

@@ -30,7 +30,7 @@ from lorabench.errors import LorabenchError  # noqa: E402
 from lorabench.sweep import point_dir, read_sweep  # noqa: E402
 
 SWEEP_KINDS = ("throughput", "relative", "latency", "memory", "cdf")
-KINDS = SWEEP_KINDS + ("compression", "capacity")
+KINDS = SWEEP_KINDS + ("compression", "capacity", "replicas")
 FORMATS = ("png", "svg")
 
 # One colour per strategy in every chart (colour-blind-safe Okabe-Ito hues).
@@ -246,14 +246,29 @@ def plot_cdf(table: pd.DataFrame, folder: Path, n_loras: int | None = None) -> p
 
 
 def plot_capacity(table: pd.DataFrame) -> plt.Figure:
+    """The highest sustainable rate against the number of adapters, one line per strategy (and number
+    of replicas); against the number of replicas when the search had one number of adapters and several
+    of replicas ("how many GPUs")."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ok = ok_rows(table)
-    lines_per_strategy(ax, ok, "max_rate")
+    replicas = sorted(table["replicas"].dropna().unique()) if "replicas" in table else [1]
+    by_replicas = len(replicas) > 1 and table["n_loras"].nunique() == 1
+    if by_replicas:
+        for s in strategies_in(ok):
+            rows = ok[ok["strategy"] == s].sort_values("replicas")
+            ax.plot(rows["replicas"], rows["max_rate"], "o-", color=strategy_color(s), label=s)
+        ax.set_xticks(replicas)
+        ax.set_xlabel(f"replicas (GPUs behind the router), {int(table['n_loras'].iloc[0]):,} adapters")
+    else:
+        for g, style in zip(replicas, ("o-", "s--", "^:", "d-.", "v-")):
+            suffix = f", {int(g)} replicas" if len(replicas) > 1 else ""
+            lines_per_strategy(ax, ok[ok["replicas"] == g] if "replicas" in ok else ok, "max_rate", style, suffix)
+        log2_n_axis(ax, table)
     capped = ok[ok["bound_by"].astype(str).str.startswith("ceiling")]
     if not capped.empty:  # nothing failed up to the ceiling: the true capacity is higher
-        ax.plot(capped["n_loras"], capped["max_rate"], "^", color="grey", markersize=11, fillstyle="none",
+        x = capped["replicas"] if by_replicas else capped["n_loras"]
+        ax.plot(x, capped["max_rate"], "^", color="grey", markersize=11, fillstyle="none",
                 label="search ceiling\n(capacity is higher)")
-    log2_n_axis(ax, table)
     ax.set_ylabel("highest sustainable rate (requests/s)")
     ax.set_ylim(bottom=0)
     if ok.size:  # no line to label when no search found a rate
@@ -261,6 +276,43 @@ def plot_capacity(table: pd.DataFrame) -> plt.Figure:
     objectives = "/".join(dict.fromkeys(table["objectives"].dropna()))
     ax.set_title(f"Highest request rate meeting {objectives}\n{title_line(table)}", fontsize=10)
     not_run_note(fig, table, "capacity.csv")
+    return fig
+
+
+def read_replicas(folder: Path) -> dict[str, pd.DataFrame]:
+    """replicas/<strategy>.csv of a run folder served by a cluster (`lorabench run --replicas G`)."""
+    files = sorted((folder / "replicas").glob("*.csv")) if (folder / "replicas").is_dir() else []
+    if not files:
+        raise LorabenchError(f"{folder}: no replicas/*.csv, not a run folder of `lorabench run --replicas G` (G > 1)")
+    tables = {f.stem: pd.read_csv(f) for f in files}
+    return {name: tables[name] for name in strategies_in(pd.DataFrame({"strategy": list(tables)}))}
+
+
+def plot_replicas(folder: Path) -> plt.Figure:
+    """Per replica: tokens it served (prompt + output) and its adapter hit rate, one bar per strategy."""
+    tables = {name: t for name, t in read_replicas(folder).items() if len(t)}
+    fig, (load_ax, hit_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / max(len(tables), 1)
+    for i, (name, t) in enumerate(tables.items()):
+        x = t["replica"].to_numpy() + (i - (len(tables) - 1) / 2) * width
+        tokens = (t["prompt_tokens"] + t["output_tokens"]) / 1e6
+        load_ax.bar(x, tokens, width, color=strategy_color(name), label=name)
+        hit_ax.bar(x, t["adapter_hit_rate"], width, color=strategy_color(name), label=name)
+    replicas = max((len(t) for t in tables.values()), default=0)
+    for ax in (load_ax, hit_ax):
+        ax.set_xticks(range(replicas))
+        ax.set_xlabel("replica")
+        ax.grid(True, axis="y", alpha=0.3)
+    load_ax.set_ylabel("tokens served (millions, prompt + output)")
+    hit_ax.set_ylabel("adapter hit rate")
+    hit_ax.set_ylim(0, 1.05)
+    if tables:
+        fig.legend(*load_ax.get_legend_handles_labels(), loc="lower center", ncol=len(tables), fontsize=8)
+    summary = pd.read_csv(folder / "summary.csv") if (folder / "summary.csv").exists() else None
+    if summary is not None and "router" in summary:
+        load_ax.set_title(f"Load per replica ({summary['router'].iloc[0]} router)\n{title_line(summary)}", fontsize=10)
+        hit_ax.set_title("Adapter hit rate per replica", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend below
     return fig
 
 
@@ -361,6 +413,8 @@ def make_chart(kind: str, folder: Path, table: pd.DataFrame | None, point: int |
         return plot_cdf(table, folder, point)
     if kind == "capacity":
         return plot_capacity(read_capacity(folder))
+    if kind == "replicas":
+        return plot_replicas(folder)
     return {"throughput": plot_throughput, "relative": plot_relative, "latency": plot_latency,
             "memory": plot_memory}[kind](table)
 
@@ -373,6 +427,8 @@ def available_kinds(folder: Path) -> tuple[str, ...]:
         kinds += ("compression",)
     if (folder / "capacity.csv").exists():
         kinds += ("capacity",)
+    if (folder / "replicas").is_dir():
+        kinds += ("replicas",)
     return kinds or SWEEP_KINDS  # nothing found: let read_sweep say what is missing
 
 

@@ -14,6 +14,7 @@ from lorabench.errors import LorabenchError
 from lorabench.presets import DEVICES, MODELS
 from lorabench.results import default_run_dir
 from lorabench.runner import EXECUTORS, KV_POLICIES, Experiment, RunConfig, run_experiment
+from lorabench.sim.cluster import ROUTERS
 from lorabench.sim.memory import EVICTION_POLICIES
 from lorabench.strategies import parse_strategies
 from lorabench.workload import builtin_workloads
@@ -79,6 +80,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-loras", type=int, help="per-lora GPU adapter slots (default: matched memory with compressed)")
     p.add_argument("--max-cpu-loras", type=int, help="per-lora host-memory adapter cache (default: all)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="identical GPUs behind a router, each with its own scheduler, KV cache and adapter memory")
+    p.add_argument("--router", default="round-robin", choices=ROUTERS,
+                   help="which replica a request goes to (with --replicas): round-robin, least-loaded (fewest "
+                   "outstanding tokens), power-of-two (the less loaded of two at random), affinity (an adapter's "
+                   "home replica by consistent hashing, spilling to the least loaded when it is busy)")
+    p.add_argument("--affinity-slack", type=float, default=0.25,
+                   help="affinity router: spill when the home replica's load would exceed (1 + slack) x the mean")
     p.add_argument("--eviction", default="lru", choices=EVICTION_POLICIES,
                    help="which unused adapter leaves the GPU first when room is needed (per-lora, paged): least "
                    "recently used, first loaded, or least frequently used (default: %(default)s)")
@@ -107,7 +116,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         cuda_graphs=not args.eager, gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, chunked_prefill=args.chunked_prefill,
         kv_policy=args.kv_policy, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
-        packed_adapters=args.packed_adapters, eviction=args.eviction, pin_hot=args.pin_hot,
+        packed_adapters=args.packed_adapters, replicas=args.replicas, router=args.router,
+        affinity_slack=args.affinity_slack, eviction=args.eviction, pin_hot=args.pin_hot,
         time_scale=args.time_scale, trace_window=args.trace_window,
         ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms, save_detailed=args.save_detailed,
     )
@@ -148,7 +158,8 @@ def main(args: argparse.Namespace) -> int:
         msg = str(err)
         for field in ("n_loras", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "max_loras",
                       "max_cpu_loras", "ttft_slo_ms", "tpot_slo_ms", "requests", "rate", "duration", "alpha", "ranks",
-                      "time_scale", "trace_window", "pin_hot"):
+                      "time_scale", "trace_window", "pin_hot", "replicas",
+                      "affinity_slack"):
             if msg.startswith(field + " "):
                 flag = "--rank" if field == "ranks" else "--" + field.replace("_", "-")
                 msg = flag + msg[len(field):]
@@ -171,9 +182,12 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+CLUSTER_TABLE = (("load_imbalance", "imbalance"), ("replica_hit_rate_min", "replica hit min"))
+
+
 def format_table(summary: pd.DataFrame) -> str:
-    cols = [c for c, _ in TABLE]
-    table = summary[cols].rename(columns=dict(TABLE))
+    shown = TABLE + tuple(c for c in CLUSTER_TABLE if c[0] in summary)  # a cluster: how evenly it was loaded
+    table = summary[[c for c, _ in shown]].rename(columns=dict(shown))
     return table.to_string(index=False, float_format=lambda v: f"{v:,.3g}" if abs(v) < 10 else f"{v:,.0f}")
 
 
@@ -203,8 +217,12 @@ def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
     kind = ("MODELED figures (a roofline cost model of the device, not a measurement)"
             if config.executor == "modeled" else "MEASURED step times")
     slots = "as --max-loras set" if config.max_loras else "as many as fit in the memory the compressed adapters take"
+    gpus = (f"one {first['device']}" if config.replicas == 1 else
+            f"{config.replicas} x {first['device']} behind a {config.router} router (GPU figures are per replica; "
+            f"replicas/<strategy>.csv has each one's load and hit rate, `lorabench plot {out} --kind replicas` "
+            f"charts them)")
     paragraphs = [
-        f"{kind}: {first['model']} on one {first['device']}, {int(first['requests'])} requests of workload "
+        f"{kind}: {first['model']} on {gpus}, {int(first['requests'])} requests of workload "
         f"{first['workload']} over {int(first['n_loras'])} adapters, the same stream for every strategy.",
         f"Every strategy had the same GPU budget for adapters + KV cache: {plan.budget / 2**30:.1f} GiB "
         f"({config.gpu_memory_utilization:g} x device memory - {plan.weights / 2**30:.1f} GiB of weights). "

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import simpy
 from tqdm.auto import tqdm
 
 from lorabench import __version__
@@ -31,11 +32,13 @@ from lorabench.points import InProcess, local_backend
 from lorabench.presets import DeviceSpec, ModelShape, device_preset, model_preset
 from lorabench.results import atomic_dir, write_csv, write_json
 from lorabench.sim.costmodel import Efficiency, LoraSetup, apply_profile, load_profile
+from lorabench.sim.cluster import ROUTERS, Cluster, Router
 from lorabench.sim.engine import Replica, RunResult, SimulationStuck
 from lorabench.sim.executor import Executor
 from lorabench.sim.memory import EVICTION_POLICIES, MemoryPlan, kv_bytes_per_token, plan_memory
 from lorabench.sim.metrics import (
-    REQUEST_COLUMNS, SLO, STEP_COLUMNS, SUMMARY_COLUMNS, requests_frame, steps_frame, summarize,
+    CLUSTER_COLUMNS, REPLICA_COLUMNS, REQUEST_COLUMNS, SLO, STEP_COLUMNS, SUMMARY_COLUMNS, replicas_frame,
+    requests_frame, steps_frame, summarize,
 )
 from lorabench.sim.scheduler import SchedulerConfig
 from lorabench.strategies import STRATEGIES, Strategy, build_strategy
@@ -78,6 +81,9 @@ class RunConfig:
     max_cpu_loras: int | None = None  # host-memory adapter cache (None: all adapters in host memory)
     storage_bandwidth: float = 2e9  # bytes/s reading an adapter missing from the host cache
     packed_adapters: bool = False  # one host buffer per adapter: a load is one copy, not one per tensor
+    replicas: int = 1  # identical GPUs, each a replica with its own scheduler and memory (sim/cluster.py)
+    router: str = "round-robin"  # which replica a request goes to: round-robin, least-loaded, power-of-two, affinity
+    affinity_slack: float = 0.25  # affinity: spill when the home replica's load would exceed (1 + slack) x mean
     eviction: str = "lru"  # which unused adapter leaves the GPU first: lru, fifo or lfu (sim/memory.py)
     pin_hot: int = 0  # the K adapters with the most requests stay on the GPU from the start, never evicted
     ttft_slo_ms: float = 2000.0
@@ -113,6 +119,9 @@ class RunConfig:
             ("max_loras", self.max_loras is None or self.max_loras >= 1, ">= 1"),
             ("max_cpu_loras", self.max_cpu_loras is None or self.max_cpu_loras >= 1, ">= 1"),
             ("storage_bandwidth", self.storage_bandwidth > 0, "> 0"),
+            ("replicas", self.replicas >= 1, ">= 1"),
+            ("router", self.router in ROUTERS, f"one of {', '.join(ROUTERS)}"),
+            ("affinity_slack", self.affinity_slack >= 0, ">= 0"),
             ("eviction", self.eviction in EVICTION_POLICIES, f"one of {', '.join(EVICTION_POLICIES)}"),
             ("pin_hot", self.pin_hot >= 0, ">= 0"),
             ("executor", self.executor in EXECUTORS, f"one of {', '.join(EXECUTORS)}"),
@@ -226,29 +235,41 @@ class Experiment:
         return hot
 
     def serve(self, name: str, executor: Executor | None = None, progress=None) -> RunResult:
-        """Run strategy `name` on the request stream. `executor` replaces the configured one.
-        Raises StrategyUnavailable when it cannot (its memory does not fit, or a request never can)."""
+        """Run strategy `name` on the request stream (with `replicas` > 1: on that many identical
+        replicas behind the router). `executor` replaces the configured one (shared by the replicas,
+        so it must keep no state between steps). Raises StrategyUnavailable when the strategy cannot
+        serve (its memory does not fit, or a request never can)."""
         cfg, ad = self.config, self.workload.adapters
         strategy = self.strategy(name)
         plan = self.plan(strategy)
         if plan.status != "ok":
             raise StrategyUnavailable(plan.status)
-        if executor is None:
-            lora = LoraSetup(name, self.ranks, ad.target_modules, ad.compressed_rank, self.clusters, plan.slots)
-            executor = _executor_factory(cfg.executor)(cfg, self.model, self.device, lora)
-        sched = SchedulerConfig(
-            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            chunked_prefill=cfg.chunked_prefill, block_size=cfg.block_size, kv_policy=cfg.kv_policy,
-        )
-        replica = Replica(self.requests, strategy, plan, executor, sched,
-                          kv_bytes_per_token(self.model.layers, self.model.kv_dim), cfg.max_cpu_loras,
-                          cfg.storage_bandwidth, progress=progress, eviction=cfg.eviction,
-                          pinned=self.pinned(strategy, plan))
+        lora = LoraSetup(name, self.ranks, ad.target_modules, ad.compressed_rank, self.clusters, plan.slots)
+
+        def replica(**where) -> Replica:
+            sched = SchedulerConfig(
+                max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                chunked_prefill=cfg.chunked_prefill, block_size=cfg.block_size, kv_policy=cfg.kv_policy,
+            )
+            runs = executor or _executor_factory(cfg.executor)(cfg, self.model, self.device, lora)
+            return Replica(self.requests if not where else Requests.empty(), strategy, plan, runs, sched,
+                           kv_bytes_per_token(self.model.layers, self.model.kv_dim), cfg.max_cpu_loras,
+                           cfg.storage_bandwidth, progress=progress, eviction=cfg.eviction,
+                           pinned=self.pinned(strategy, plan), **where)
+
         try:
-            result = replica.run()
+            if cfg.replicas == 1:
+                served = replica()
+                result = served.run()
+            else:
+                env = simpy.Environment()
+                replicas = [replica(env=env, capacity=len(self.requests)) for _ in range(cfg.replicas)]
+                router = Router(cfg.router, cfg.replicas, self.workload.seed, cfg.affinity_slack)
+                served = replicas[0]
+                result = Cluster(self.requests, replicas, router, env).run()
         except SimulationStuck as err:
             raise StrategyUnavailable(f"cannot serve: {err}") from None
-        result.device = getattr(executor, "device_label", None)
+        result.device = getattr(served.executor, "device_label", None)
         return result
 
 
@@ -295,14 +316,19 @@ def _serve_strategy(exp: Experiment, folder: Path | None, created: datetime, nam
         result = exp.serve(name, progress=ticks)
     except StrategyUnavailable as why:
         row["status"] = str(why)
-        frames = pd.DataFrame(columns=REQUEST_COLUMNS), pd.DataFrame(columns=STEP_COLUMNS)
+        cluster = ("replica",) if exp.config.replicas > 1 else ()
+        frames = pd.DataFrame(columns=REQUEST_COLUMNS + cluster), pd.DataFrame(columns=STEP_COLUMNS + cluster)
+        replicas = pd.DataFrame(columns=REPLICA_COLUMNS)
     else:
         row.update(summarize(result, SLO(exp.config.ttft_slo_ms, exp.config.tpot_slo_ms)))
         row["device"] = result.device
         frames = requests_frame(result), steps_frame(result)
+        replicas = replicas_frame(result) if result.replica_stats is not None else None
     if folder is not None:
         write_csv(folder / "requests" / f"{name}.csv", frames[0])
         write_csv(folder / "steps" / f"{name}.csv", frames[1])
+        if exp.config.replicas > 1:
+            write_csv(folder / "replicas" / f"{name}.csv", replicas)
         if row["status"] == "ok":
             summary = _summary_frame([row], exp).set_index("strategy", drop=False).iloc[0]
             write_bench_result(folder, summary, *frames, exp.config, exp.workload, exp.model, created)
@@ -312,7 +338,8 @@ def _serve_strategy(exp: Experiment, folder: Path | None, created: datetime, nam
 def _summary_frame(rows: list[dict], exp: Experiment) -> pd.DataFrame:
     config, workload, device = exp.config, exp.workload, exp.device
     df = pd.DataFrame(rows)
-    for col in SUMMARY_COLUMNS:
+    columns = SUMMARY_COLUMNS + (CLUSTER_COLUMNS if config.replicas > 1 else ())
+    for col in columns:
         if col not in df:
             df[col] = np.nan
     df["n_loras"] = workload.n_loras
@@ -321,7 +348,7 @@ def _summary_frame(rows: list[dict], exp: Experiment) -> pd.DataFrame:
     df["executor"], df["requests"] = config.executor, len(exp.requests)
     base = df.loc[df["strategy"] == "single", "output_throughput"]
     df["throughput_vs_single"] = df["output_throughput"] / float(base.iloc[0]) if len(base) else np.nan
-    return df[list(SUMMARY_COLUMNS)]
+    return df[list(columns)]
 
 
 def _write_config(folder: Path, exp: Experiment, created: datetime) -> None:

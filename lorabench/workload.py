@@ -125,6 +125,10 @@ class Requests:
     def id(self) -> np.ndarray:
         return np.arange(len(self))
 
+    @classmethod
+    def empty(cls) -> "Requests":
+        return cls(np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+
 
 @dataclass(frozen=True)
 class Workload:

@@ -225,3 +225,26 @@ def test_evaluation_cache_records_its_config(tmp_path):
     record = json.loads(next((tmp_path / "cap" / "evaluations" / "single" / "1").glob("*.json")).read_text())
     assert record["config"]["rate"] == record["rate"] and record["config"]["n_loras"] == 1
     assert record["metrics"]["status"] == "ok"
+
+
+def test_replicas_grid_and_the_fewest_replicas_for_a_target_rate(tmp_path, capsys):
+    """With --replicas 1,2,4 every (adapters, replicas, strategy) has its search; the rate a cluster
+    sustains grows with its replicas, and --target-rate names the fewest that reach it."""
+    out = tmp_path / "cap"
+    assert cli_main(["capacity", "--n-loras", "64", "--replicas", "1,2,4", "--router", "least-loaded", *FLAGS,
+                     "--target-rate", "60", "--out", str(out)]) == 0
+    table = read_capacity(out)
+    assert table[["replicas", "strategy"]].values.tolist() == [[g, s] for g in (1, 2, 4) for s in ("single", "per-lora")]
+    for strategy, rows in table.groupby("strategy"):
+        rates = rows.sort_values("replicas")["max_rate"].to_numpy()
+        assert (np.diff(rates) > 0).all(), f"{strategy}: {rates}"
+    printed = capsys.readouterr().out
+    fewest = capacity.fewest_replicas(table, 60.0)
+    for _, row in fewest.iterrows():  # the smallest G whose max_rate reaches 60, checked on the table
+        mine = table[(table["strategy"] == row["strategy"]) & (table["max_rate"] >= 60.0)]
+        want = str(int(mine["replicas"].min())) if len(mine) else "more than 4"
+        assert row["replicas"] == want and want in printed
+    # each cached evaluation ran the replicas it says
+    record = json.loads(next((out / "evaluations" / "per-lora" / "64x4").glob("rate-*.json")).read_text())
+    assert record["config"]["replicas"] == 4 and record["config"]["router"] == "least-loaded"
+    assert cli_main(["plot", str(out), "--kind", "capacity"]) == 0

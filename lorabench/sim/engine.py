@@ -55,13 +55,23 @@ class RunResult:
     kv_capacity_bytes: int = 0
     preemptions: int = 0
     device: str | None = None  # where the steps ran, when the executor says (measured: device and mode)
+    # A cluster of replicas (sim/cluster.py): each request's replica (steps have a "replica" column too),
+    # the router, and one row of figures per replica.
+    replica: np.ndarray | None = None
+    router: str | None = None
+    replica_stats: list[dict] | None = None
 
 
 class Replica:
+    """One GPU. Alone (the default) it serves `requests` in its own SimPy environment; behind a
+    router (sim/cluster.py) it shares the cluster's `env`, starts with no requests and is given them
+    as they arrive (`receive`, up to `capacity`, then `close`)."""
+
     def __init__(self, requests: Requests, strategy: Strategy, plan: MemoryPlan, executor: Executor,
                  config: SchedulerConfig, kv_bytes_per_token: int, host_slots: int | None = None,
-                 storage_bandwidth: float = 2e9, progress=None, eviction: str = "lru", pinned: tuple[int, ...] = ()):
-        self.env = simpy.Environment()
+                 storage_bandwidth: float = 2e9, progress=None, eviction: str = "lru", pinned: tuple[int, ...] = (),
+                 env: simpy.Environment | None = None, capacity: int | None = None):
+        self.env = env or simpy.Environment()
         self.strategy, self.plan, self.executor = strategy, plan, executor
         self.storage_bandwidth = storage_bandwidth
         self.progress = progress
@@ -78,7 +88,10 @@ class Replica:
         self.kv = KVCache(kv_pool, config.block_size, kv_bytes_per_token, self.cache if strategy.shared_pool else None)
         config = dataclasses.replace(config, max_distinct=plan.max_distinct, prefetch=strategy.prefetch)
         self.cfg = config
-        self.sched = Scheduler(self.requests, adapters, config, self.cache, self.kv, self.in_use, strategy.name)
+        self.sched = Scheduler(self.requests, adapters, config, self.cache, self.kv, self.in_use, strategy.name,
+                               capacity)
+        self.routed: list[int] = []  # behind a router: the cluster's id of each request received, in order
+        self.next_routed_s = None  # behind a router: when the cluster's next request arrives (a function)
         self.link_free_s = 0.0  # when the host->GPU link finishes its queued copies
         self.inflight = 0
         self.wake: simpy.Event | None = None
@@ -128,8 +141,25 @@ class Replica:
         self.cache.loaded(event.value)
         self.inflight -= 1
         self.sched.epoch += 1
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake the replica if it is idle, waiting for a load to land or a request to be routed here."""
         if self.wake is not None and not self.wake.triggered:
             self.wake.succeed()
+
+    # --- behind a router ----------------------------------------------------------------------
+
+    def receive(self, rid: int, arrival_s: float, adapter: int, prompt: int, output: int) -> None:
+        """Request `rid` of the cluster's stream is routed here (at its arrival time)."""
+        self.routed.append(rid)
+        self.sched.push(arrival_s, 0 if self.strategy.name == "single" else adapter, prompt, output)
+        self._notify()
+
+    def close(self) -> None:
+        """The router has no more requests."""
+        self.sched.close()
+        self._notify()
 
     # --- the replica process ----------------------------------------------------------------
 
@@ -182,15 +212,15 @@ class Replica:
     def _idle(self):
         env, s = self.env, self.sched
         nxt = s.next_arrival_s()
-        if not self.inflight and not np.isfinite(nxt):
-            r = s.first_waiting()
+        if not self.inflight and not np.isfinite(nxt) and s.closed:
             raise SimulationStuck(
-                f"request {r} (prompt {int(s.req.prompt_tokens[r])}, output {int(s.req.output_tokens[r])} tokens) "
-                f"can never be admitted: KV cache {self.kv.capacity_blocks()} blocks of {self.kv.block_size} tokens"
+                f"{s.describe(s.first_waiting())} can never be admitted: KV cache {self.kv.capacity_blocks()} "
+                f"blocks of {self.kv.block_size} tokens"
             )
         start = env.now
         stalled = s.n_waiting > 0 and self.inflight > 0  # idle only because adapters are on their way
-        if self.inflight:  # a landing load may let a waiting request in before the next arrival
+        # A landing load may let a waiting request in before the next arrival; a router may send one.
+        if self.inflight or not s.closed:
             self.wake = env.event()
             yield env.any_of([self.wake, env.timeout(nxt - start)] if np.isfinite(nxt) else [self.wake])
             self.wake = None
@@ -211,7 +241,7 @@ class Replica:
         k_max = s.decode_iterations_left()
         if self.cfg.kv_policy == "preempt":  # stay within the blocks every row holds now
             k_max = min(k_max, s.decode_headroom())
-        next_arrival = s.next_arrival_s()
+        next_arrival = s.next_arrival_s() if self.next_routed_s is None else self.next_routed_s()
         now = self.env.now
         k, t = 1, now + first
         repeat = getattr(self.executor, "repeat_decode", None)
@@ -231,13 +261,22 @@ class Replica:
         return k, t - now
 
     def run(self) -> RunResult:
-        self.env.process(self._process())
+        self.start()
         self.env.run()
+        return self.result()
+
+    def start(self) -> None:
+        self.env.process(self._process())
+
+    def result(self) -> RunResult:
+        """What it served (behind a router: the requests routed here, in their order of arrival)."""
         s = self.sched
+        requests = self.requests if not self.routed else s.served()
+        n = len(requests)
         hit = 1.0 - s.misses / s.admissions if s.admissions else float("nan")
         return RunResult(
-            strategy=self.strategy.name, requests=self.requests,
-            first_token_s=s.first_token_s, finish_s=s.finish_s,
+            strategy=self.strategy.name, requests=requests,
+            first_token_s=s.first_token_s[:n], finish_s=s.finish_s[:n],
             steps={f: np.frombuffer(column, dtype=column.typecode) for f, column in self.rows.items()},
             plan=self.plan,
             adapter_loads=self.loads, adapter_load_bytes=self.load_bytes, load_stall_s=self.load_stall_s,

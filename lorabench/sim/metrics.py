@@ -32,6 +32,11 @@ SUMMARY_COLUMNS = (
     "adapter_loads", "adapter_load_gib", "load_stall_s", "adapter_hit_rate", "mean_batch_size",
     "mean_distinct_adapters", "device", "model", "workload", "executor", "requests",
 )
+# and, for a cluster of replicas, after them: load_imbalance is the busiest replica's tokens (prompt +
+# output) over the mean replica's (1 = even); the hit rates are the lowest and highest of a replica.
+CLUSTER_COLUMNS = ("replicas", "router", "load_imbalance", "replica_hit_rate_min", "replica_hit_rate_max")
+REPLICA_COLUMNS = ("replica", "requests", "prompt_tokens", "output_tokens", "busy_s", "steps", "adapter_loads",
+                   "adapter_hit_rate", "preemptions", "gpu_memory_peak_gib")
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,14 @@ def _stats(name: str, values_s: np.ndarray, weights: np.ndarray | None = None) -
 def requests_frame(result: RunResult) -> pd.DataFrame:
     r = result.requests
     values = (r.id, r.adapter, r.arrival_s, result.first_token_s, result.finish_s, r.prompt_tokens, r.output_tokens)
-    return pd.DataFrame(dict(zip(REQUEST_COLUMNS, values)))
+    frame = pd.DataFrame(dict(zip(REQUEST_COLUMNS, values)))
+    if result.replica is not None:
+        frame["replica"] = result.replica
+    return frame
+
+
+def replicas_frame(result: RunResult) -> pd.DataFrame:
+    return pd.DataFrame(result.replica_stats, columns=list(REPLICA_COLUMNS))
 
 
 def steps_frame(result: RunResult) -> pd.DataFrame:
@@ -103,4 +115,10 @@ def summarize(result: RunResult, slo: SLO = SLO()) -> dict:
         "mean_distinct_adapters": float((st["distinct_adapters"] * st["iterations"]).sum() / st["iterations"].sum()),
         "requests": len(r),
     }
+    if result.replica_stats is not None:
+        tokens = np.array([x["prompt_tokens"] + x["output_tokens"] for x in result.replica_stats], dtype=np.float64)
+        hits = [x["adapter_hit_rate"] for x in result.replica_stats]
+        out.update(replicas=len(tokens), router=result.router, load_imbalance=float(tokens.max() / tokens.mean()),
+                   replica_hit_rate_min=float(np.nanmin(hits)) if not np.isnan(hits).all() else np.nan,
+                   replica_hit_rate_max=float(np.nanmax(hits)) if not np.isnan(hits).all() else np.nan)
     return out

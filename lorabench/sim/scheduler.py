@@ -92,14 +92,19 @@ class Due:
 
 class Scheduler:
     def __init__(self, requests: Requests, adapters: np.ndarray, config: SchedulerConfig,
-                 cache: AdapterCache, kv: KVCache, in_use: np.ndarray, strategy: str):
-        self.req, self.cfg, self.cache, self.kv = requests, config, cache, kv
-        self.adapter_of = adapters  # per request (the single strategy maps all to 0)
+                 cache: AdapterCache, kv: KVCache, in_use: np.ndarray, strategy: str, capacity: int | None = None):
+        """`requests` (their `adapters`: the single strategy maps all to 0) are all it serves, unless
+        `capacity` is given: then more arrive by `push` (a replica behind a router, sim/cluster.py),
+        up to `capacity` in all, until `close`."""
+        self.cfg, self.cache, self.kv = config, cache, kv
+        n = max(len(requests), capacity or 0)
+        self.adapter_of = np.zeros(n, dtype=np.int64)  # per request
+        self.adapter_of[: len(requests)] = adapters
+        self.closed = capacity is None  # no more requests will be pushed
         self.strategy = strategy
         self.in_use = in_use  # running requests per adapter (shared with the cache)
         self.distinct = 0
         self.active: set[int] = set()  # adapters of the running requests (len: distinct)
-        n = len(requests)
         # Per-request figures as Python lists: admission reads them one request at a time.
         self._adapter = adapters.tolist()
         self._prompt = requests.prompt_tokens.tolist()
@@ -121,8 +126,10 @@ class Scheduler:
         self._blocked = False  # the last pass stopped at a request that must go first, or a full window
         self.arrived = 0  # requests 0 .. arrived-1 have arrived (ids are in arrival order)
         self._arrival_s = requests.arrival_s.tolist()
-        self._next_arrival_s = self._arrival_s[0] if n else np.inf
+        self._next_arrival_s = self._arrival_s[0] if self._arrival_s else np.inf
         self.completed = 0
+        # Prompt and output tokens of the requests not finished yet (a router's measure of load)
+        self.unfinished_tokens = int(requests.prompt_tokens.sum() + requests.output_tokens.sum())
         # The running rows (see the module docstring) and the totals a step needs.
         self.T = 0  # iterations applied
         self.decoding: dict[int, Row] = {}  # request id -> row, in admission order
@@ -147,10 +154,35 @@ class Scheduler:
 
     @property
     def done(self) -> bool:
-        return self.completed == len(self.req)
+        return self.closed and self.completed == len(self._arrival_s)
 
     def next_arrival_s(self) -> float:
         return self._next_arrival_s
+
+    def push(self, arrival_s: float, adapter: int, prompt: int, output: int) -> int:
+        """A request routed here (arrivals come in time order); returns its id in this scheduler."""
+        r = len(self._arrival_s)
+        self._arrival_s.append(arrival_s)
+        self._adapter.append(adapter)
+        self._prompt.append(prompt)
+        self._output.append(output)
+        self.adapter_of[r] = adapter
+        self.unfinished_tokens += prompt + output
+        if self.arrived == r:
+            self._next_arrival_s = arrival_s
+        return r
+
+    def served(self) -> Requests:
+        """The requests it was given (pushed ones included), in arrival order."""
+        return Requests(np.array(self._arrival_s, dtype=np.float64), self.adapter_of[: len(self._arrival_s)].copy(),
+                        np.array(self._prompt, dtype=np.int64), np.array(self._output, dtype=np.int64))
+
+    def close(self) -> None:
+        """No more requests will be pushed."""
+        self.closed = True
+
+    def describe(self, r: int) -> str:
+        return f"request {r} (prompt {self._prompt[r]}, output {self._output[r]} tokens)"
 
     def take_arrivals(self, now: float) -> None:
         if self._next_arrival_s > now:
@@ -387,6 +419,7 @@ class Scheduler:
         for rid in finished:
             row = self.decoding.pop(rid)
             self.finish_s[rid] = end_s
+            self.unfinished_tokens -= self._prompt[rid] + self._output[rid]
             self.base_sum -= row.base
             released += row.blocks
             self._drop_adapter(row.adapter)
