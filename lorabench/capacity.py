@@ -40,7 +40,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lorabench.errors import LorabenchError
-from lorabench.points import local_backend
+from lorabench.points import Backend, add_backend_arguments, backend_from_args, local_backend
 from lorabench.rate_search import CapacityResult, Evaluation, Objective, find_capacity
 from lorabench.results import write_csv_atomic, write_text_atomic
 from lorabench.sweep import DEFAULT_N_LORAS, _FlagsExcept, check_same_sweep, config_dict, parse_n_loras
@@ -244,10 +244,12 @@ def run_capacity(
     jobs: int = 1,
     progress: bool = True,
     replicas: list[int] = (1,),
+    backend: Backend | None = None,
 ) -> pd.DataFrame:
     """Run (or resume) every search of `base`'s strategies over `n_loras` x `replicas` into `out`;
-    return the capacity table (also written to out/capacity.csv, with evaluations.csv and the chart)."""
-    backend = local_backend(jobs)
+    return the capacity table (also written to out/capacity.csv, with evaluations.csv and the chart).
+    The searches run on `backend`, by default `local_backend(jobs)`."""
+    backend = backend if backend is not None else local_backend(jobs)
     out = Path(out)
     start_rate(base)  # a workload without a rate to search is refused before anything is written
     wanted = capacity_config_dict(base, n_loras, settings, replicas)
@@ -255,8 +257,9 @@ def run_capacity(
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", json.dumps(wanted, indent=2) + "\n")
 
-    tasks = [SearchTask(out, dataclasses.replace(base, n_loras=n, replicas=g, rate=None, strategies=(s,)), s, settings)
-             for n in n_loras for g in replicas for s in base.strategies]
+    # an absolute folder: a Ray worker's working directory is not this one
+    tasks = [SearchTask(out.absolute(), dataclasses.replace(base, n_loras=n, replicas=g, rate=None, strategies=(s,)),
+                        s, settings) for n in n_loras for g in replicas for s in base.strategies]
     order = {(t.config.n_loras, t.config.replicas, t.strategy): i for i, t in enumerate(tasks)}
     done: dict[int, SearchOutcome] = {}
     bar = tqdm(total=len(tasks), desc="capacity searches", unit="search", disable=not progress)
@@ -331,7 +334,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--max-rate", type=float, default=None,
                         help=f"highest rate tried, req/s (default: {CEILING_FACTOR} x the start rate)")
-    parser.add_argument("--jobs", type=int, default=1, help="searches run in parallel processes (default: 1)")
+    add_backend_arguments(parser, "searches")
     parser.add_argument("--out", type=Path, default=None,
                         help="capacity folder (default: results/capacity-<workload>); rerun the same command "
                              "to resume")
@@ -347,8 +350,9 @@ def main(args: argparse.Namespace) -> int:
     settings = SearchSettings(objectives_for(base, args.goodput_target), start_rate(base), args.rate_tol,
                               args.max_rate)
     out = args.out or Path("results") / f"capacity-{Path(base.workload).stem}"
-    table = run_capacity(base, n_loras, out, settings, jobs=args.jobs, progress=not args.no_progress,
-                         replicas=replicas)
+    backend = backend_from_args(args, folder=out)
+    table = run_capacity(base, n_loras, out, settings, progress=not args.no_progress, replicas=replicas,
+                         backend=backend)
     shown = ["n_loras", "replicas", "strategy", "status", "max_rate", "output_throughput", "ttft_p99_ms", "tpot_p99_ms",
              "goodput_fraction", "bound_by", "iterations"]
     with pd.option_context("display.width", 200, "display.max_rows", 500, "display.max_colwidth", 40):

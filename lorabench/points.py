@@ -1,4 +1,4 @@
-"""Where independent points run: in this process, or in a pool of local processes.
+"""Where independent points run: in this process, in a pool of local processes, or as Ray tasks.
 
 A sweep point and a capacity search are pure functions of their inputs, so a batch of them is a map
 of one function over a list of points. A backend does that map and yields `(point, result)` as each
@@ -14,15 +14,21 @@ With `on_progress`, `fn(point, ticks)` is called instead, `ticks.update(n)` sayi
 of the point's work are done (tqdm's method name, so a bar or a ticker serves alike), and
 `on_progress(point, n)` runs in the caller's process as they arrive: progress bars for work done
 in other processes.
+
+`sweep` and `capacity` choose with `--backend local|ray` (`add_backend_arguments`,
+`backend_from_args`); the Ray backend lives in `ray_backend.py`, imported only when asked for, so
+lorabench runs without Ray installed.
 """
 
 from __future__ import annotations
 
+import argparse
 import queue
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence, TypeVar
 
 from lorabench.errors import LorabenchError
@@ -143,3 +149,44 @@ def local_backend(jobs: int) -> Backend:
     if jobs < 1:
         raise LorabenchError(f"--jobs {jobs}: must be >= 1")
     return InProcess() if jobs == 1 else LocalProcesses(jobs)
+
+
+# --- choosing a backend on the command line -----------------------------------------------------
+
+BACKENDS = ("local", "ray")
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """--jobs, --backend and --ray-address; `what` names the points in help texts ("points", "searches")."""
+    parser.add_argument("--jobs", type=int, default=None,
+                        help=f"{what} run in parallel local processes (default: 1; --backend local only)")
+    parser.add_argument("--backend", choices=BACKENDS, default="local",
+                        help=f"where {what} run: local processes, or Ray tasks on a Ray cluster (needs the ray "
+                             "extra: pip install -e '.[ray]') (default: %(default)s)")
+    parser.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="with --backend ray: the Ray cluster to join (host:port from `ray start --head`, or "
+                             "auto); default: RAY_ADDRESS if set, else a local Ray instance on this machine's cores")
+
+
+def backend_from_args(args: argparse.Namespace, folder: Path | None = None) -> Backend:
+    """The backend the flags of `add_backend_arguments` ask for. `folder`: where the points write (a
+    Ray cluster's nodes must all see it)."""
+    if args.backend == "local":
+        if args.ray_address is not None:
+            raise LorabenchError(f"--ray-address {args.ray_address}: only with --backend ray")
+        return local_backend(args.jobs if args.jobs is not None else 1)
+    if args.jobs is not None:
+        raise LorabenchError(f"--jobs {args.jobs}: local processes only; with --backend ray, as many points run "
+                             "at once as the Ray cluster has CPUs")
+    return ray_backend(args.ray_address, folder)
+
+
+def ray_backend(address: str | None = None, folder: Path | None = None) -> Backend:
+    """Points as Ray tasks (see ray_backend.RayTasks), or one clear error when Ray is not installed."""
+    try:
+        import ray  # noqa: F401  (only to know that it is there)
+    except ImportError:
+        raise LorabenchError("--backend ray: Ray is not installed; pip install -e '.[ray]'") from None
+    from lorabench.ray_backend import RayTasks
+
+    return RayTasks(address, folder)

@@ -28,7 +28,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lorabench.errors import LorabenchError
-from lorabench.points import local_backend
+from lorabench.points import Backend, add_backend_arguments, backend_from_args, local_backend
 from lorabench.results import write_csv_atomic, write_text_atomic
 
 if TYPE_CHECKING:  # the simulator is imported only when a sweep runs, so `lorabench plot` starts fast
@@ -169,14 +169,15 @@ def run_sweep(
     jobs: int = 1,
     progress: bool = True,
     on_point: Callable[[int], None] | None = None,
+    backend: Backend | None = None,
 ) -> pd.DataFrame:
     """Run (or resume) the sweep of `base` over `n_loras` into `out`; return the sweep table.
 
-    `base` is a RunConfig; each point is `dataclasses.replace(base, n_loras=n)`. With `jobs` > 1
-    the points run in that many worker processes. `on_point(n)` is called after each point
-    finishes (the progress bar's hook, and the tests').
+    `base` is a RunConfig; each point is `dataclasses.replace(base, n_loras=n)`. The points run on
+    `backend`, by default `local_backend(jobs)`: with `jobs` > 1, in that many worker processes.
+    `on_point(n)` is called after each point finishes (the progress bar's hook, and the tests').
     """
-    backend = local_backend(jobs)
+    backend = backend if backend is not None else local_backend(jobs)
     out = Path(out)
     base.load_workload()  # a bad workload file is the user's error, not a point that cannot run
     wanted_sweep = sweep_config_dict(base, n_loras)
@@ -198,7 +199,8 @@ def run_sweep(
             on_point(n)
 
     try:
-        for config, _ in backend.map_unordered(partial(run_point, out), [configs[n] for n in todo]):
+        # an absolute folder: a Ray worker's working directory is not this one
+        for config, _ in backend.map_unordered(partial(run_point, out.absolute()), [configs[n] for n in todo]):
             finished(config.n_loras)
     finally:
         bar.close()
@@ -272,7 +274,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--n-loras", default=",".join(map(str, DEFAULT_N_LORAS)),
         help="comma-separated numbers of adapters, one point each (default: %(default)s)",
     )
-    parser.add_argument("--jobs", type=int, default=1, help="points run in parallel processes (default: 1)")
+    add_backend_arguments(parser, "points")
     parser.add_argument("--out", type=Path, default=None,
                         help="sweep folder (default: results/sweep-<workload>); rerun the same command to resume")
 
@@ -284,7 +286,8 @@ def main(args: argparse.Namespace) -> int:
     args.n_loras = None  # the base config has none: each point sets its own
     base = config_from_args(args)
     out = args.out or Path("results") / f"sweep-{Path(base.workload).stem}"
-    table = run_sweep(base, n_loras, out, jobs=args.jobs, progress=not args.no_progress)
+    backend = backend_from_args(args, folder=out)
+    table = run_sweep(base, n_loras, out, progress=not args.no_progress, backend=backend)
     shown = ["n_loras", "strategy", "status", "output_throughput", "throughput_vs_single",
              "ttft_p99_ms", "tpot_p99_ms", "gpu_memory_peak_gib"]
     with pd.option_context("display.width", 160, "display.max_rows", 500, "display.max_colwidth", 40):
