@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 from lorabench.errors import LorabenchError
 from lorabench.points import Backend, add_backend_arguments, backend_from_args, local_backend
 from lorabench.rate_search import CapacityResult, Evaluation, Objective, find_capacity
-from lorabench.results import write_csv_atomic, write_text_atomic
-from lorabench.sweep import DEFAULT_N_LORAS, _FlagsExcept, check_same_sweep, config_dict, parse_n_loras
+from lorabench.results import read_table, write_csv_atomic, write_text_atomic
+from lorabench.sweep import DEFAULT_N_LORAS, _FlagsExcept, check_same_sweep, config_dict, parse_counts, parse_n_loras
 
 if TYPE_CHECKING:  # the simulator is imported only when a search runs, so `lorabench plot` starts fast
     from lorabench.runner import RunConfig
@@ -293,18 +293,7 @@ def read_capacity(folder: str | Path) -> pd.DataFrame:
     path = folder / "capacity.csv"
     if not path.exists():
         raise LorabenchError(f"{folder}: no capacity.csv, not a folder of `lorabench capacity`")
-    try:
-        table = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise LorabenchError(f"{path}: empty file, no rows") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise LorabenchError(f"{path}: not a CSV table ({err})") from None
-    missing = [c for c in CAPACITY_COLUMNS if c not in table.columns]
-    if missing:
-        raise LorabenchError(f"{path}: missing column(s) {', '.join(missing)}")
-    if table.empty:
-        raise LorabenchError(f"{path}: no rows")
-    return table
+    return read_table(path, CAPACITY_COLUMNS)
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -344,7 +333,7 @@ def main(args: argparse.Namespace) -> int:
     from lorabench.run import config_from_args
 
     n_loras = parse_n_loras(args.n_loras)
-    replicas = parse_replicas(args.replicas)
+    replicas = parse_counts(args.replicas, "--replicas", "replicas")
     args.n_loras, args.replicas = None, 1  # the base config has none: each search sets its own
     base = config_from_args(args)
     settings = SearchSettings(objectives_for(base, args.goodput_target), start_rate(base), args.rate_tol,
@@ -365,16 +354,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"\nFewest replicas ({base.router} router) that sustain {args.target_rate:g} req/s:")
         print(fewest_replicas(table, args.target_rate).to_string(index=False))
     return 0
-
-
-def parse_replicas(text: str) -> list[int]:
-    try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise LorabenchError(f"--replicas {text!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
-    if not values or values[0] < 1:
-        raise LorabenchError(f"--replicas {text!r}: every number of replicas must be >= 1")
-    return values
 
 
 def fewest_replicas(table: pd.DataFrame, target_rate: float) -> pd.DataFrame:

@@ -111,3 +111,19 @@ def _jsonable(obj):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    """A results CSV with at least one row and the `required` columns, or one clear error."""
+    try:
+        table = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise LorabenchError(f"{path}: empty file, no rows") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise LorabenchError(f"{path}: not a CSV table ({err})") from None
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise LorabenchError(f"{path}: missing column(s) {', '.join(missing)}")
+    if table.empty:
+        raise LorabenchError(f"{path}: no rows")
+    return table

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from lorabench.errors import LorabenchError
 from lorabench.points import Backend, add_backend_arguments, backend_from_args, local_backend
-from lorabench.results import write_csv_atomic, write_text_atomic
+from lorabench.results import read_table, write_csv_atomic, write_text_atomic
 
 if TYPE_CHECKING:  # the simulator is imported only when a sweep runs, so `lorabench plot` starts fast
     from lorabench.runner import RunConfig
@@ -50,12 +50,17 @@ REQUIRED_COLUMNS = (
 
 def parse_n_loras(text: str) -> list[int]:
     """'1,4,16' -> [1, 4, 16] (sorted, unique); every value an integer >= 1."""
+    return parse_counts(text, "--n-loras", "adapters")
+
+
+def parse_counts(text: str, flag: str, what: str) -> list[int]:
+    """A flag's comma-separated counts, sorted and unique, each an integer >= 1."""
     try:
         values = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError:
-        raise LorabenchError(f"--n-loras {text!r}: expected comma-separated integers, e.g. 1,4,16") from None
+        raise LorabenchError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,4,16") from None
     if not values or values[0] < 1:
-        raise LorabenchError(f"--n-loras {text!r}: every number of adapters must be >= 1")
+        raise LorabenchError(f"{flag} {text!r}: every number of {what} must be >= 1")
     return values
 
 
@@ -229,17 +234,7 @@ def read_sweep(folder: str | Path) -> tuple[pd.DataFrame, dict]:
     if not path.exists():
         hint = " (it is a single run folder: sweep it with `lorabench sweep`)" if (folder / "summary.csv").exists() else ""
         raise LorabenchError(f"{folder}: no sweep.csv, not a sweep folder{hint}")
-    try:
-        table = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise LorabenchError(f"{path}: empty file, no rows") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise LorabenchError(f"{path}: not a CSV table ({err})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
-    if missing:
-        raise LorabenchError(f"{path}: missing column(s) {', '.join(missing)}")
-    if table.empty:
-        raise LorabenchError(f"{path}: no rows")
+    table = read_table(path, REQUIRED_COLUMNS)
     if not pd.api.types.is_numeric_dtype(table["n_loras"]) or table["n_loras"].isna().any():
         raise LorabenchError(f"{path}: column n_loras must hold integers")
     config = {}
