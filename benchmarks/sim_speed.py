@@ -28,7 +28,7 @@ from pathlib import Path
 
 SERVE_ALONE = """
 import json, sys, time
-from lorabench.runner import Experiment, RunConfig
+from lorabench.experiments.runner import Experiment, RunConfig
 config = RunConfig(workload="zipf", n_loras=1024, requests=int(sys.argv[1]))
 exp = Experiment.build(config)
 seconds = {}

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from lorabench.run import default_jobs
-from lorabench.runner import Experiment, RunConfig, run_experiment
+from lorabench.experiments.run import default_jobs
+from lorabench.experiments.runner import Experiment, RunConfig, run_experiment
 
 REQUESTS = [int(os.environ["LORABENCH_BENCH_REQUESTS"])] if "LORABENCH_BENCH_REQUESTS" in os.environ else [10_000,
                                                                                                           100_000]

@@ -14,18 +14,18 @@ from lorabench.errors import LorabenchError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "bench-kernels": ("lorabench.bench_kernels", "time every strategy's LoRA kernels over batch sizes x adapters"),
+    "bench-kernels": ("lorabench.kernelbench.bench_kernels", "time every strategy's LoRA kernels over batch sizes x adapters"),
     "adapters": ("lorabench.adapters.cli", "synthesize a PEFT adapter collection (synth) or check one (info)"),
     "compress": ("lorabench.compress.cli", "jointly compress an adapter collection (full, diagonal, svd; clusters)"),
-    "run": ("lorabench.run", "serve a workload with every strategy and compare it with single-LoRA serving"),
-    "profile": ("lorabench.profile", "measure the real decoder's step times on this device and calibrate the cost model"),
-    "validate": ("lorabench.validate", "run measured and modeled executors on one request stream; print their relative errors"),
-    "compare": ("lorabench.compare", "put a `vllm bench serve` result JSON beside a lorabench run of the same settings"),
-    "sweep": ("lorabench.sweep", "run every strategy over a grid of adapter counts (resumable) -> DIR/sweep.csv"),
-    "capacity": ("lorabench.capacity", "the highest request rate each strategy sustains within the SLOs, per adapter "
+    "run": ("lorabench.experiments.run", "serve a workload with every strategy and compare it with single-LoRA serving"),
+    "profile": ("lorabench.fidelity.profile", "measure the real decoder's step times on this device and calibrate the cost model"),
+    "validate": ("lorabench.fidelity.validate", "run measured and modeled executors on one request stream; print their relative errors"),
+    "compare": ("lorabench.outputs.compare", "put a `vllm bench serve` result JSON beside a lorabench run of the same settings"),
+    "sweep": ("lorabench.experiments.sweep", "run every strategy over a grid of adapter counts (resumable) -> DIR/sweep.csv"),
+    "capacity": ("lorabench.experiments.capacity", "the highest request rate each strategy sustains within the SLOs, per adapter "
                  "count (resumable) -> DIR/capacity.csv"),
-    "plot": ("lorabench.plots", "comparison charts (PNG + SVG) of a sweep folder or of compress outputs"),
-    "report": ("lorabench.report", "a Markdown page with the table and charts of a sweep folder"),
+    "plot": ("lorabench.outputs.plots", "comparison charts (PNG + SVG) of a sweep folder or of compress outputs"),
+    "report": ("lorabench.outputs.report", "a Markdown page with the table and charts of a sweep folder"),
 }
 
 

@@ -117,6 +117,16 @@ DEVICES: dict[str, DeviceSpec] = {
 }
 
 
+def device_name(device) -> str:
+    """'h200' for an NVIDIA H200 (a preset's name when one matches), 'cpu' on the CPU."""
+    if device.type != "cuda":
+        return "cpu"
+    import torch
+
+    full = torch.cuda.get_device_name(device).lower()
+    return next((d for d in DEVICES if d in full.split() or d in full.replace("nvidia", "")), full.replace(" ", "-"))
+
+
 def model_preset(name: str) -> ModelShape:
     try:
         return MODELS[name]

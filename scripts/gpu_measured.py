@@ -23,15 +23,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lorabench import calibration
+from lorabench.experiments.runner import RunConfig, run_experiment
+from lorabench.fidelity.profile import run_profile
+from lorabench.fidelity.validate import fidelity
 from lorabench.model.batch import SeqWork
 from lorabench.model.lora import lora_backend
 from lorabench.model.serving import STRATEGIES, ServingSetup, build_engine
-from lorabench.presets import model_preset
-from lorabench.profile import run_profile
-from lorabench.results import write_json_atomic
-from lorabench.runner import RunConfig, run_experiment
-from lorabench.validate import fidelity
+from lorabench.outputs.results import write_json_atomic
+from lorabench.presets import device_name, model_preset
 
 T0 = time.time()
 
@@ -138,7 +137,7 @@ def main() -> int:
     if not cuda:
         torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    log(f"device check on {calibration.device_name(torch.device(device))}, torch {torch.__version__}, out {args.out}")
+    log(f"device check on {device_name(torch.device(device))}, torch {torch.__version__}, out {args.out}")
 
     check = correctness(model, device)
     write_json_atomic(args.out / "correctness.json", {"rows": check.to_dict("records")})

@@ -29,7 +29,7 @@ CONFIGS = {
 
 
 def write(name: str) -> None:
-    from lorabench.runner import RunConfig, run_experiment
+    from lorabench.experiments.runner import RunConfig, run_experiment
 
     with tempfile.TemporaryDirectory() as tmp:
         run_experiment(RunConfig(**CONFIGS[name]), out_dir=Path(tmp) / "run", progress=False)

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import lorabench.bench_json as bench_json
-from lorabench.bench_json import nested_lists
-from lorabench.runner import RunConfig, run_experiment
+import lorabench.outputs.bench_json as bench_json
+from lorabench.experiments.runner import RunConfig, run_experiment
+from lorabench.outputs.bench_json import nested_lists
 
 STRATEGIES = ["single", "per-lora", "paged", "compressed"]
 

@@ -10,11 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import lorabench.capacity as capacity
-from lorabench.capacity import CAPACITY_COLUMNS, SearchSettings, objectives_for, read_capacity, run_capacity
+import lorabench.experiments.capacity as capacity
 from lorabench.cli import main as cli_main
 from lorabench.errors import LorabenchError
-from lorabench.runner import RunConfig, run_experiment
+from lorabench.experiments.capacity import SearchSettings, objectives_for, run_capacity
+from lorabench.experiments.runner import RunConfig, run_experiment
+from lorabench.outputs.tables import CAPACITY_COLUMNS, read_capacity
 
 # Mistral-7B on the modeled H200 with 100 requests: an evaluation takes a few milliseconds, and
 # SLOs tight enough that every search brackets its capacity (see test_what_the_table_claims_holds).
@@ -149,7 +150,7 @@ def test_a_different_config_in_the_same_folder_is_refused(tmp_path):
 
 
 def test_a_sweep_folder_is_not_taken_for_a_capacity_folder(tmp_path):
-    from lorabench.sweep import run_sweep
+    from lorabench.experiments.sweep import run_sweep
 
     run_sweep(small_config(), [1], tmp_path / "sweep", progress=False)
     with pytest.raises(LorabenchError, match="not a capacity search config"):

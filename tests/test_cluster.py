@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from lorabench.cli import main as cli
-from lorabench.runner import Experiment, RunConfig, run_experiment
+from lorabench.experiments.runner import Experiment, RunConfig, run_experiment
 from lorabench.sim.cluster import ROUTERS, Router
 
 

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from lorabench.cli import main
-from lorabench.compare import COMPARED, REQUIRED
-from lorabench.runner import RunConfig, run_experiment
+from lorabench.experiments.runner import RunConfig, run_experiment
+from lorabench.outputs.compare import COMPARED, REQUIRED
 
 
 @pytest.fixture(scope="module")

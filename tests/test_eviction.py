@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from lorabench.runner import Experiment, RunConfig, run_experiment
+from lorabench.experiments.runner import Experiment, RunConfig, run_experiment
 from lorabench.sim import memory
 from lorabench.sim.executor import ConstantExecutor
 

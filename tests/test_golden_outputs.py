@@ -5,9 +5,9 @@ import filecmp
 from pathlib import Path
 
 import pytest
-
 from golden_runs import CONFIGS, GOLDEN, PINNED
-from lorabench.runner import RunConfig, run_experiment
+
+from lorabench.experiments.runner import RunConfig, run_experiment
 
 
 def pinned_files(folder: Path) -> list[str]:

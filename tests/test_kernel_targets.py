@@ -9,7 +9,7 @@ import pytest
 
 from lorabench.cli import main
 from lorabench.errors import LorabenchError
-from lorabench.kernel_targets import check_targets, load_reference
+from lorabench.kernelbench.kernel_targets import check_targets, load_reference
 
 STRATEGIES = ("single", "per_lora_sgmv", "per_lora_bgmv", "paged", "compressed_R64")
 
@@ -123,7 +123,7 @@ def test_check_targets_reports_bad_files(tmp_path, capsys):
 
 
 def test_an_interrupted_grid_keeps_the_points_it_finished(tmp_path, monkeypatch):
-    import lorabench.bench_kernels as bench
+    import lorabench.kernelbench.bench_kernels as bench
 
     real, calls = bench.time_call, []
 

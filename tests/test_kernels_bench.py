@@ -3,8 +3,8 @@
 import pandas as pd
 import torch
 
-from lorabench.bench_kernels import device_check
 from lorabench.cli import main
+from lorabench.kernelbench.bench_kernels import device_check
 
 
 def test_device_check_runs_every_kernel():
@@ -39,7 +39,7 @@ def test_bad_arguments_are_reported(capsys):
 
 
 def test_a_failing_strategy_is_reported_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
-    import lorabench.bench_kernels as bench
+    import lorabench.kernelbench.bench_kernels as bench
 
     real = bench.time_call
     calls = []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lorabench.sim.measured as measured
-from lorabench.runner import RunConfig, run_experiment
+from lorabench.experiments.runner import RunConfig, run_experiment
 from lorabench.sim.executor import Step
 
 THREADS = torch.get_num_threads()

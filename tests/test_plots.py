@@ -12,12 +12,20 @@ from matplotlib.colors import to_hex
 
 from lorabench.cli import main as cli_main
 from lorabench.errors import LorabenchError
-from lorabench.plots import (
-    STRATEGY_COLORS, SWEEP_KINDS, plot_cdf, plot_compression, plot_latency, plot_memory, plot_relative,
-    plot_throughput, read_compression,
+from lorabench.experiments.runner import RunConfig
+from lorabench.experiments.sweep import run_sweep
+from lorabench.outputs.plots import (
+    STRATEGY_COLORS,
+    SWEEP_KINDS,
+    plot_cdf,
+    plot_compression,
+    plot_latency,
+    plot_memory,
+    plot_relative,
+    plot_throughput,
+    read_compression,
 )
-from lorabench.runner import RunConfig
-from lorabench.sweep import read_sweep, run_sweep
+from lorabench.outputs.tables import read_sweep
 
 GRID = [1, 4, 16]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

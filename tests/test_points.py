@@ -13,7 +13,7 @@ import pytest
 
 from lorabench.cli import main as cli_main
 from lorabench.errors import LorabenchError
-from lorabench.points import InProcess, LocalProcesses, add_backend_arguments, backend_from_args, local_backend
+from lorabench.experiments.points import InProcess, LocalProcesses, add_backend_arguments, backend_from_args, local_backend
 
 
 def test_local_processes_give_every_point_and_its_result():
@@ -74,7 +74,7 @@ def test_backend_ray_without_ray_installed_is_one_clear_error(command, tmp_path,
 
 
 def test_importing_lorabench_does_not_import_ray():
-    code = ("import sys, lorabench.cli, lorabench.points, lorabench.sweep, lorabench.capacity; "
+    code = ("import sys, lorabench.cli, lorabench.experiments.points, lorabench.experiments.sweep, lorabench.experiments.capacity; "
             "print('ray' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"

@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from lorabench import calibration
 from lorabench.cli import main as cli_main
+from lorabench.experiments.runner import RunConfig, run_experiment
+from lorabench.fidelity import calibration
+from lorabench.fidelity.profile import grid_steps, run_profile
 from lorabench.model import target_modules
+from lorabench.outputs.results import write_json_atomic
 from lorabench.presets import device_preset, model_preset
-from lorabench.profile import grid_steps, run_profile
-from lorabench.results import write_json_atomic
-from lorabench.runner import RunConfig, run_experiment
 from lorabench.sim import costmodel
 
 MODULES = target_modules("q_proj,k_proj,v_proj,o_proj")
@@ -100,7 +100,7 @@ def test_profile_bad_arguments_get_one_clear_error(argv, message, capsys):
 
 
 def test_fidelity_is_modeled_over_measured_minus_one():
-    from lorabench.validate import fidelity
+    from lorabench.fidelity.validate import fidelity
 
     measured = pd.DataFrame(dict(strategy=["single", "paged"], status=["ok", "ok"], output_throughput=[100.0, 80.0],
                                  ttft_mean_ms=[10.0, 20.0], tpot_mean_ms=[5.0, 4.0]))

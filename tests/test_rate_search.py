@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from lorabench.errors import LorabenchError
+from lorabench.experiments.rate_search import Objective, find_capacity
 from lorabench.presets import model_preset
-from lorabench.rate_search import Objective, find_capacity
 from lorabench.sim.engine import Replica
 from lorabench.sim.executor import ConstantExecutor
 from lorabench.sim.memory import MemoryPlan

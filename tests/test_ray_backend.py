@@ -16,14 +16,14 @@ import pytest
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]'): "
                                         "the Ray backend is not tested")
 
-import lorabench.ray_backend as ray_backend  # noqa: E402  (needs ray)
-from lorabench.capacity import SearchSettings, objectives_for, run_capacity  # noqa: E402
+import lorabench.experiments.ray_backend as ray_backend  # noqa: E402  (needs ray)
 from lorabench.cli import main as cli_main  # noqa: E402
 from lorabench.errors import LorabenchError  # noqa: E402
-from lorabench.points import InProcess, LocalProcesses  # noqa: E402
-from lorabench.ray_backend import RayTasks  # noqa: E402
-from lorabench.runner import RunConfig  # noqa: E402
-from lorabench.sweep import parse_n_loras, run_sweep  # noqa: E402
+from lorabench.experiments.capacity import SearchSettings, objectives_for, run_capacity  # noqa: E402
+from lorabench.experiments.points import InProcess, LocalProcesses  # noqa: E402
+from lorabench.experiments.ray_backend import RayTasks  # noqa: E402
+from lorabench.experiments.runner import RunConfig  # noqa: E402
+from lorabench.experiments.sweep import parse_n_loras, run_sweep  # noqa: E402
 
 SWEEP_FLAGS = ["--workload", "zipf", "--requests", "60", "--seed", "3", "--model", "tiny", "--no-progress"]
 # files that record when they were written; everything else in a folder is a function of the config

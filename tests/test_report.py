@@ -11,9 +11,10 @@ import pytest
 
 from lorabench.cli import main as cli_main
 from lorabench.errors import LorabenchError
-from lorabench.plots import SWEEP_KINDS
-from lorabench.runner import RunConfig
-from lorabench.sweep import read_sweep, run_sweep
+from lorabench.experiments.runner import RunConfig
+from lorabench.experiments.sweep import run_sweep
+from lorabench.outputs.plots import SWEEP_KINDS
+from lorabench.outputs.tables import read_sweep
 
 
 @pytest.fixture(scope="module")

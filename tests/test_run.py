@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from lorabench.cli import main
-from lorabench.runner import RunConfig, run_experiment
+from lorabench.experiments.runner import RunConfig, run_experiment
 from lorabench.sim.metrics import REQUEST_COLUMNS, STEP_COLUMNS, SUMMARY_COLUMNS
 
 STRATEGIES = ["single", "per-lora", "paged", "compressed"]

@@ -5,8 +5,8 @@ import dataclasses
 import numpy as np
 import pytest
 
+from lorabench.experiments.runner import Experiment, RunConfig
 from lorabench.presets import device_preset, model_preset
-from lorabench.runner import Experiment, RunConfig
 from lorabench.sim.costmodel import LoraSetup, ModeledExecutor
 from lorabench.sim.engine import Replica
 from lorabench.sim.executor import ConstantExecutor, Executor, Step
@@ -139,7 +139,7 @@ def test_compressed_needs_no_loads_and_single_uses_one_adapter():
 
 
 def test_same_seed_identical_different_seed_differs():
-    from lorabench.runner import run_experiment
+    from lorabench.experiments.runner import run_experiment
 
     a = run_experiment(small_config(), progress=False)
     b = run_experiment(small_config(), progress=False)
@@ -218,7 +218,7 @@ def test_host_cache_misses_read_from_storage():
 def test_modeled_offline_ordering_matches_the_published_one():
     """Compress then Serve (H100, Mistral-7B, rank 16, > 1,000 adapters): compressed keeps about 80% of
     single-LoRA throughput, vLLM multi-LoRA about half. The model should order them the same way."""
-    from lorabench.runner import run_experiment
+    from lorabench.experiments.runner import run_experiment
 
     s = run_experiment(RunConfig(workload="offline", n_loras=1024, requests=600, device="h100"), progress=False)
     ratio = s.set_index("strategy")["throughput_vs_single"]

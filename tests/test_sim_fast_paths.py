@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lorabench.experiments.runner import Experiment, RunConfig
+from lorabench.outputs.results import csv_text
 from lorabench.presets import device_preset, model_preset
-from lorabench.results import csv_text
-from lorabench.runner import Experiment, RunConfig
 from lorabench.sim.costmodel import LoraSetup, ModeledExecutor
 from lorabench.sim.executor import ConstantExecutor, Step
 from lorabench.sim.memory import AdapterCache, Pool

@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import lorabench.runner as runner
+import lorabench.experiments.runner as runner
 from lorabench.cli import main as cli_main
 from lorabench.errors import LorabenchError
-from lorabench.runner import RunConfig
-from lorabench.sweep import parse_n_loras, read_sweep, run_sweep
+from lorabench.experiments.runner import RunConfig
+from lorabench.experiments.sweep import parse_n_loras, run_sweep
+from lorabench.outputs.tables import read_sweep
 
 GRID = [1, 2, 8]
 REAL_RUN_EXPERIMENT = runner.run_experiment

@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 from lorabench.adapters.types import AdapterConfig, ModuleKey
 from lorabench.errors import LorabenchError
+from lorabench.outputs.results import atomic_dir
 from lorabench.presets import ATTENTION_MODULES, MLP_MODULES
-from lorabench.results import atomic_dir
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

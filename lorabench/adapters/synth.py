@@ -30,8 +30,8 @@ from tqdm import tqdm
 from lorabench.adapters.peft import write_adapter
 from lorabench.adapters.types import AdapterConfig, ModuleKey
 from lorabench.errors import LorabenchError
+from lorabench.outputs.results import atomic_dir
 from lorabench.presets import ALL_LINEAR, ATTENTION_MODULES, model_preset
-from lorabench.results import atomic_dir
 
 SYNTH_FILE = "synth.json"
 DTYPES = ("float32", "float16", "bfloat16")

@@ -21,7 +21,7 @@ from lorabench.compress.fit import ModuleFit
 from lorabench.compress.module import CompressConfig, compress_module
 from lorabench.compress.report import ERRORS_FILE, error_rows, summarize, summary_table, write_reports
 from lorabench.errors import LorabenchError
-from lorabench.results import atomic_dir
+from lorabench.outputs.results import atomic_dir
 
 SCALING_NOTE = (
     "each adapter's LoRA scaling (lora_alpha/r, or lora_alpha/sqrt(r) with rsLoRA) is folded into its "

@@ -73,6 +73,16 @@ def _replace_fields(obj, values: dict, where: str):
     return dataclasses.replace(obj, **values)
 
 
+# Where measured profiles are looked for: the working directory's results/, then the checkout's.
+PROFILE_DIRS = (Path("results/profiles"), Path(__file__).resolve().parents[2] / "results" / "profiles")
+
+
+def find_profile(device: str, model: str) -> Path | None:
+    """The measured profile <device>-<model>.json (`lorabench profile`), if one exists."""
+    name = f"{device}-{model}.json"
+    return next((d / name for d in PROFILE_DIRS if (d / name).is_file()), None)
+
+
 def load_profile(path: str | Path) -> dict:
     """A profile JSON: {"device": {DeviceSpec fields}, "efficiency": {Efficiency fields}}, both optional."""
     path = Path(path)
@@ -104,7 +114,7 @@ def make_executor(config, model: ModelShape, device: DeviceSpec, lora: "LoraSetu
     if config.profile is not None:
         profile = load_profile(config.profile)
         _, efficiency = apply_profile(profile, device, efficiency)
-        # A measured profile (lorabench.calibration) also fits each strategy's kernels apart.
+        # A measured profile (lorabench.fidelity.calibration) also fits each strategy's kernels apart.
         by_strategy = profile.get("efficiency_by_strategy", {}).get(lora.strategy, {})
         efficiency = _replace_fields(efficiency, by_strategy, f"profile {config.profile}: {lora.strategy} efficiency")
     return ModeledExecutor(model, device, lora, efficiency)

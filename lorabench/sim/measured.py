@@ -234,7 +234,7 @@ class MeasuredExecutor:
     @property
     def device_label(self) -> str:
         """The device and how its steps ran, for the results: e.g. 'h200 (cuda-graph 412, eager 37 steps)'."""
-        from lorabench.calibration import device_name
+        from lorabench.presets import device_name
 
         counts = Counter(r["mode"] for r in self.records)
         modes = ", ".join(f"{m} {n}" for m, n in sorted(counts.items())) or "no"

@@ -25,9 +25,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from lorabench.capacity import read_capacity  # noqa: E402
 from lorabench.errors import LorabenchError  # noqa: E402
-from lorabench.sweep import point_dir, read_sweep  # noqa: E402
+from lorabench.outputs.tables import point_dir, read_capacity, read_sweep  # noqa: E402
 
 SWEEP_KINDS = ("throughput", "relative", "latency", "memory", "cdf")
 KINDS = SWEEP_KINDS + ("compression", "capacity", "replicas")

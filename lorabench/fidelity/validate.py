@@ -15,17 +15,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lorabench import calibration
 from lorabench.errors import LorabenchError
-from lorabench.results import default_run_dir, write_json_atomic
-from lorabench.runner import RunConfig, run_experiment
+from lorabench.experiments.runner import RunConfig, run_experiment
+from lorabench.outputs.results import default_run_dir, write_json_atomic
+from lorabench.presets import device_name
+from lorabench.sim.costmodel import find_profile
 from lorabench.sim.measured import torch_device
 
 METRICS = (("output_throughput", "tok/s"), ("ttft_mean_ms", "TTFT mean ms"), ("tpot_mean_ms", "TPOT mean ms"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from lorabench.run import add_arguments as run_arguments
+    from lorabench.experiments.run import add_arguments as run_arguments
 
     run_arguments(p)  # the same flags as `lorabench run`; --executor and --device are set here
     p.set_defaults(model="mistral-7b" if torch.cuda.is_available() else "tiny")
@@ -48,12 +49,12 @@ def fidelity(measured: pd.DataFrame, modeled: pd.DataFrame) -> pd.DataFrame:
 def validate(config: RunConfig, out: Path, progress: bool = True) -> pd.DataFrame:
     """Run `config` measured and modeled (writing out/measured and out/modeled); return fidelity()."""
     device = torch_device(config)
-    name = calibration.device_name(device)
-    profile = config.profile or calibration.find_profile(name, config.model)
+    name = device_name(device)
+    profile = config.profile or find_profile(name, config.model)
     if profile is None:
         profile = Path("results/profiles") / f"{name}-{config.model}.json"
         print(f"no profile for {name} and {config.model}: measuring one first -> {profile}")
-        from lorabench.profile import run_profile
+        from lorabench.fidelity.profile import run_profile
 
         workload = config.load_workload()
         data = run_profile(config.model, list(config.strategies), sorted(set(workload.adapters.ranks)),
@@ -80,7 +81,7 @@ def format_table(table: pd.DataFrame) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from lorabench.run import config_from_args
+    from lorabench.experiments.run import config_from_args
 
     args.executor = "measured"
     config = config_from_args(args)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 
 from lorabench.errors import LorabenchError
+from lorabench.experiments.runner import EXECUTORS, KV_POLICIES, Experiment, RunConfig, run_experiment
+from lorabench.outputs.results import default_run_dir
 from lorabench.presets import DEVICES, MODELS
-from lorabench.results import default_run_dir
-from lorabench.runner import EXECUTORS, KV_POLICIES, Experiment, RunConfig, run_experiment
 from lorabench.sim.cluster import ROUTERS
 from lorabench.sim.memory import EVICTION_POLICIES
 from lorabench.strategies import parse_strategies
@@ -125,7 +125,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def found_profile(args: argparse.Namespace) -> str | None:
     """Without --profile, the measured profile of the run's device and model, if one exists."""
-    from lorabench.calibration import find_profile
+    from lorabench.sim.costmodel import find_profile
 
     found = find_profile(args.device, args.model)
     return None if found is None else str(found)

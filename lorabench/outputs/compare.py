@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from lorabench.errors import LorabenchError
-from lorabench.results import write_csv_atomic
+from lorabench.outputs.results import write_csv_atomic
 from lorabench.strategies import STRATEGIES
 
 # Fields `vllm bench serve --save-result` always writes for a generation run.

@@ -40,24 +40,19 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lorabench.errors import LorabenchError
-from lorabench.points import Backend, add_backend_arguments, backend_from_args, local_backend
-from lorabench.rate_search import CapacityResult, Evaluation, Objective, find_capacity
-from lorabench.results import read_table, write_csv_atomic, write_text_atomic
-from lorabench.sweep import DEFAULT_N_LORAS, _FlagsExcept, check_same_sweep, config_dict, parse_counts, parse_n_loras
+from lorabench.experiments.points import Backend, add_backend_arguments, backend_from_args, local_backend
+from lorabench.experiments.rate_search import CapacityResult, Evaluation, Objective, find_capacity
+from lorabench.experiments.sweep import DEFAULT_N_LORAS, _FlagsExcept, check_same_sweep, config_dict, parse_counts, parse_n_loras
+from lorabench.outputs.results import write_csv_atomic, write_text_atomic
+from lorabench.outputs.tables import CAPACITY_COLUMNS, read_capacity
 
 if TYPE_CHECKING:  # the simulator is imported only when a search runs, so `lorabench plot` starts fast
-    from lorabench.runner import RunConfig
+    from lorabench.experiments.runner import RunConfig
 
 RATE_ARRIVALS = ("poisson", "gamma", "constant")  # arrival kinds whose times scale with the rate
 DEFAULT_RATE_TOL = 0.02
 CEILING_FACTOR = 1024  # without --max-rate, the search goes up to start x this (and down to start / this)
 
-# capacity.csv columns, in order; the chart reads the first ones and the context columns
-CAPACITY_COLUMNS = (
-    "strategy", "n_loras", "replicas", "status", "max_rate", "request_throughput", "output_throughput", "ttft_p99_ms",
-    "tpot_p99_ms", "goodput_fraction", "bound_by", "failing_rate", "iterations", "objectives",
-    "device", "model", "workload", "executor", "requests",
-)
 EVALUATION_COLUMNS = (
     "strategy", "n_loras", "replicas", "iteration", "rate", "passed", "failed", "request_throughput", "output_throughput",
     "ttft_p99_ms", "tpot_p99_ms", "goodput_fraction",
@@ -124,7 +119,7 @@ def start_rate(base: RunConfig) -> float:
 def simulate(config: RunConfig, strategy: str) -> dict[str, Any]:
     """Serve `strategy` alone on the config's request stream; its summary metrics (those of its row
     in `run_experiment`'s summary) plus `goodput_fraction`, and `status` ("ok" or why it cannot)."""
-    from lorabench.runner import Experiment, StrategyUnavailable
+    from lorabench.experiments.runner import Experiment, StrategyUnavailable
     from lorabench.sim.metrics import SLO, summarize
 
     exp = Experiment.build(config)
@@ -182,7 +177,7 @@ class SearchOutcome:
 
 def run_search(task: SearchTask) -> SearchOutcome:
     """Search one strategy's highest rate at one number of adapters (replaying cached evaluations)."""
-    from lorabench.runner import Experiment
+    from lorabench.experiments.runner import Experiment
 
     cfg, s = task.config, task.settings
     row = {"strategy": task.strategy, "n_loras": cfg.n_loras, "replicas": cfg.replicas, "objectives": "; ".join(map(str, s.objectives)),
@@ -274,7 +269,7 @@ def run_capacity(
     finally:
         bar.close()
     table = read_capacity(out)
-    from lorabench.plots import render
+    from lorabench.outputs.plots import render
 
     render(out, "capacity")
     return table
@@ -287,20 +282,11 @@ def write_tables(out: Path, outcomes: list[SearchOutcome]) -> None:
     write_csv_atomic(out / "capacity.csv", rows)
 
 
-def read_capacity(folder: str | Path) -> pd.DataFrame:
-    """The capacity.csv of a capacity folder, with a clear error for anything that is not one."""
-    folder = Path(folder)
-    path = folder / "capacity.csv"
-    if not path.exists():
-        raise LorabenchError(f"{folder}: no capacity.csv, not a folder of `lorabench capacity`")
-    return read_table(path, CAPACITY_COLUMNS)
-
-
 # --- command line -------------------------------------------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lorabench.run import add_arguments as add_run_arguments
+    from lorabench.experiments.run import add_arguments as add_run_arguments
 
     # every flag of `lorabench run`; --n-loras is a grid, --rate where the search starts, --out a folder
     add_run_arguments(_FlagsExcept(parser, {"--n-loras", "--rate", "--out", "--jobs", "--replicas"}))
@@ -330,7 +316,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from lorabench.run import config_from_args
+    from lorabench.experiments.run import config_from_args
 
     n_loras = parse_n_loras(args.n_loras)
     replicas = parse_counts(args.replicas, "--replicas", "replicas")

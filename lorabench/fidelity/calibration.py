@@ -28,11 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from lorabench.errors import LorabenchError
-from lorabench.presets import DeviceSpec, ModelShape
+from lorabench.presets import DeviceSpec, ModelShape, device_name
 from lorabench.sim.costmodel import Efficiency, LoraSetup, ModeledExecutor
 from lorabench.sim.executor import Step
-
-PROFILE_DIRS = (Path("results/profiles"), Path(__file__).resolve().parents[1] / "results" / "profiles")
 
 # Fitted factors, with bounds (fractions of ceilings; fixed costs in seconds): Efficiency fields,
 # and the device's fixed cost per kernel (fitted once for all strategies).
@@ -69,23 +67,6 @@ def make_step(strategy: str, tokens, context_lens, adapters, is_prefill) -> Step
     adapters = np.asarray(adapters, dtype=np.int64)
     return Step(strategy, np.asarray(tokens, dtype=np.int64), np.asarray(context_lens, dtype=np.int64), adapters,
                 np.asarray(is_prefill, dtype=bool), int(len(np.unique(adapters))))
-
-
-def device_name(device) -> str:
-    """'h200' for an NVIDIA H200 (a preset's name when one matches), 'cpu' on the CPU."""
-    if device.type != "cuda":
-        return "cpu"
-    import torch
-
-    from lorabench.presets import DEVICES
-
-    full = torch.cuda.get_device_name(device).lower()
-    return next((d for d in DEVICES if d in full.split() or d in full.replace("nvidia", "")), full.replace(" ", "-"))
-
-
-def find_profile(device: str, model: str) -> Path | None:
-    name = f"{device}-{model}.json"
-    return next((d / name for d in PROFILE_DIRS if (d / name).is_file()), None)
 
 
 # ---- device ceilings ---------------------------------------------------------------------------

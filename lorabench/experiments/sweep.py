@@ -28,21 +28,15 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lorabench.errors import LorabenchError
-from lorabench.points import Backend, add_backend_arguments, backend_from_args, local_backend
-from lorabench.results import read_table, write_csv_atomic, write_text_atomic
+from lorabench.experiments.points import Backend, add_backend_arguments, backend_from_args, local_backend
+from lorabench.outputs.results import write_csv_atomic, write_text_atomic
+from lorabench.outputs.tables import point_dir
 
 if TYPE_CHECKING:  # the simulator is imported only when a sweep runs, so `lorabench plot` starts fast
-    from lorabench.runner import RunConfig
+    from lorabench.experiments.runner import RunConfig
 
 DEFAULT_N_LORAS = (1, 4, 16, 64, 256, 1024, 4096)
 
-# The columns every chart and the report read; a sweep.csv without one of them is refused.
-REQUIRED_COLUMNS = (
-    "strategy", "n_loras", "status", "output_throughput", "throughput_vs_single",
-    "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
-    "memory_weights_gib", "memory_kv_gib", "memory_adapters_gib",
-    "device", "model", "workload", "executor",
-)
 
 
 # --- the grid -----------------------------------------------------------------------------------
@@ -78,7 +72,7 @@ def sweep_config_dict(base: RunConfig, n_loras: list[int]) -> dict:
 def same_run_config(stored: dict, wanted: dict) -> bool:
     """Whether a stored run config is the one wanted. A field the stored one lacks (written before the
     field existed) counts as its default, so sweeps made by earlier versions still resume."""
-    from lorabench.runner import RunConfig
+    from lorabench.experiments.runner import RunConfig
 
     defaults = config_dict(RunConfig())
     filled = {**{k: defaults[k] for k in wanted if k not in stored and k in defaults}, **stored}
@@ -113,10 +107,6 @@ def check_same_sweep(out: Path, wanted: dict, kind: str = "sweep") -> None:
 # --- one point ----------------------------------------------------------------------------------
 
 
-def point_dir(out: Path, n: int) -> Path:
-    return out / "points" / str(n)
-
-
 def finished_point(out: Path, n: int, wanted: dict) -> bool:
     """True when points/<n>/point.json exists and was made by the same config."""
     path = point_dir(out, n) / "point.json"
@@ -144,7 +134,7 @@ def run_point(out: Path, config: RunConfig) -> pd.DataFrame:
     Only a LorabenchError (a refusal on the config's own terms) is recorded as a failed point;
     any other exception, Ctrl-C included, propagates and leaves the point unfinished for resume.
     """
-    from lorabench.runner import run_experiment
+    from lorabench.experiments.runner import run_experiment
 
     folder = point_dir(out, config.n_loras)
     if folder.exists():  # an unfinished attempt (no point.json): start this point over
@@ -222,30 +212,6 @@ def collect(out: Path, n_loras: list[int]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-# --- reading a sweep folder (charts and report) -------------------------------------------------
-
-
-def read_sweep(folder: str | Path) -> tuple[pd.DataFrame, dict]:
-    """(sweep table, config) of a sweep folder, with a clear error for anything that is not one."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise LorabenchError(f"{folder}: no such folder (expected a sweep folder from `lorabench sweep`)")
-    path = folder / "sweep.csv"
-    if not path.exists():
-        hint = " (it is a single run folder: sweep it with `lorabench sweep`)" if (folder / "summary.csv").exists() else ""
-        raise LorabenchError(f"{folder}: no sweep.csv, not a sweep folder{hint}")
-    table = read_table(path, REQUIRED_COLUMNS)
-    if not pd.api.types.is_numeric_dtype(table["n_loras"]) or table["n_loras"].isna().any():
-        raise LorabenchError(f"{path}: column n_loras must hold integers")
-    config = {}
-    if (folder / "config.json").exists():
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except ValueError as err:
-            raise LorabenchError(f"{folder / 'config.json'}: not JSON ({err})") from None
-    return table, config
-
-
 # --- command line -------------------------------------------------------------------------------
 
 
@@ -261,7 +227,7 @@ class _FlagsExcept:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lorabench.run import add_arguments as add_run_arguments
+    from lorabench.experiments.run import add_arguments as add_run_arguments
 
     # every flag of `lorabench run`, but a sweep's --n-loras is a grid and its --out a sweep folder
     add_run_arguments(_FlagsExcept(parser, {"--n-loras", "--out", "--jobs"}))
@@ -275,7 +241,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from lorabench.run import config_from_args
+    from lorabench.experiments.run import config_from_args
 
     n_loras = parse_n_loras(args.n_loras)
     args.n_loras = None  # the base config has none: each point sets its own

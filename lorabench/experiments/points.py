@@ -187,6 +187,6 @@ def ray_backend(address: str | None = None, folder: Path | None = None) -> Backe
         import ray  # noqa: F401  (only to know that it is there)
     except ImportError:
         raise LorabenchError("--backend ray: Ray is not installed; pip install -e '.[ray]'") from None
-    from lorabench.ray_backend import RayTasks
+    from lorabench.experiments.ray_backend import RayTasks
 
     return RayTasks(address, folder)

@@ -26,13 +26,13 @@ import simpy
 from tqdm.auto import tqdm
 
 from lorabench import __version__
-from lorabench.bench_json import write_bench_result
 from lorabench.errors import LorabenchError
-from lorabench.points import InProcess, local_backend
+from lorabench.experiments.points import InProcess, local_backend
+from lorabench.outputs.bench_json import write_bench_result
+from lorabench.outputs.results import atomic_dir, write_csv, write_json
 from lorabench.presets import DeviceSpec, ModelShape, device_preset, model_preset
-from lorabench.results import atomic_dir, write_csv, write_json
-from lorabench.sim.costmodel import Efficiency, LoraSetup, apply_profile, load_profile
 from lorabench.sim.cluster import ROUTERS, Cluster, Router
+from lorabench.sim.costmodel import Efficiency, LoraSetup, apply_profile, load_profile
 from lorabench.sim.engine import Replica, RunResult, SimulationStuck
 from lorabench.sim.executor import Executor
 from lorabench.sim.memory import EVICTION_POLICIES, MemoryPlan, kv_bytes_per_token, plan_memory

@@ -19,12 +19,12 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from lorabench import calibration
 from lorabench.errors import LorabenchError
+from lorabench.fidelity import calibration
 from lorabench.model import target_modules
 from lorabench.model.serving import STRATEGIES, ServingSetup, build_engine
-from lorabench.presets import DEVICES, DeviceSpec, model_preset
-from lorabench.results import write_json_atomic
+from lorabench.outputs.results import write_json_atomic
+from lorabench.presets import DEVICES, DeviceSpec, device_name, model_preset
 
 # (batch sizes, context lengths, prefill chunks) per grid size
 GRIDS = {
@@ -84,7 +84,7 @@ def parse_ints(spec: str, flag: str) -> list[int]:
 
 def run_profile(model: str, strategies, ranks, n_loras: int, modules, compressed_rank: int, grid: str, repeats: int,
                 device: str, cuda_graphs: bool, progress: bool = True) -> dict:
-    """Measure, fit, and return the profile as a dict (see lorabench.calibration)."""
+    """Measure, fit, and return the profile as a dict (see lorabench.fidelity.calibration)."""
     from lorabench.model.decoder import Decoder, default_dtype
     from lorabench.sim.measured import MeasuredExecutor, check_fits_cpu
 
@@ -116,7 +116,7 @@ def run_profile(model: str, strategies, ranks, n_loras: int, modules, compressed
     bar.close()
     measured = calibration.measure_device(dev, decoder.dtype)
     del decoder
-    base = DEVICES.get(calibration.device_name(dev)) or DeviceSpec(calibration.device_name(dev), 1.0, 1.0, 1.0, 1)
+    base = DEVICES.get(device_name(dev)) or DeviceSpec(device_name(dev), 1.0, 1.0, 1.0, 1)
     spec = dataclasses.replace(base, **measured)
     spec, shared, by_strategy, fit = calibration.calibrate(points, shape, spec, modules, compressed_rank, slots)
     measured.update({k: getattr(spec, k) for k in calibration.DEVICE_FIT_BOUNDS if hasattr(spec, k)})

@@ -30,13 +30,13 @@ from typing import Callable
 
 import pandas as pd
 import torch
-from tqdm import tqdm
-
-from lorabench import kernel_targets
-from lorabench.errors import LorabenchError
 from lorabench.kernels import HAVE_TRITON, LoraBatch, lora_compressed, lora_paged, lora_per_lora, lora_single, testing
 from lorabench.kernels.common import interpreting as kernel_interpreting
-from lorabench.results import write_csv_atomic
+from tqdm import tqdm
+
+from lorabench.errors import LorabenchError
+from lorabench.kernelbench import kernel_targets
+from lorabench.outputs.results import write_csv_atomic
 
 GPU_GRID_M = (1, 16, 64, 256, 1024)
 GPU_GRID_N = (1, 8, 64, 512, 1024)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from lorabench.plots import render, title_line
-from lorabench.results import write_text_atomic
-from lorabench.sweep import read_sweep
+from lorabench.outputs.plots import render, title_line
+from lorabench.outputs.results import write_text_atomic
+from lorabench.outputs.tables import read_sweep
 
 # (column, header, format) of the report's table; the full table is sweep.csv.
 TABLE_COLUMNS = (
