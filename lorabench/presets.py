@@ -1,6 +1,8 @@
 """Model shapes and device presets, as frozen dataclasses looked up by name.
 
-Model shapes are those of the public checkpoints (weights are always random: nothing is downloaded).
+Model shapes are those of the public checkpoints (weights are always random: nothing is downloaded);
+`--model path/to/config.json` (or a checkpoint folder holding one) reads a Hugging Face config of a
+Llama, Mistral or Qwen2 model instead (`shape_from_hf_config`).
 Device figures: the h200 preset is measured (../shared/anchors.md, 2026-11-29: copy bandwidth,
 bf16 matmul rate, pinned host->device copy); the others are datasheet peaks times the fraction a
 tuned kernel usually reaches (70% of matmul peak, 90% of memory bandwidth), to be replaced by a
@@ -9,7 +11,9 @@ measured profile (`lorabench profile`) where one exists.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lorabench.errors import LorabenchError
 
@@ -33,6 +37,9 @@ class ModelShape:
     vocab: int
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    tied_embeddings: bool = False  # lm_head shares the input embedding's weights
+    max_context: int = 4096  # tokens of prompt + output the checkpoint supports (max_position_embeddings)
     head_dim: int = field(init=False)
     kv_dim: int = field(init=False)
 
@@ -59,9 +66,13 @@ class ModelShape:
 
     @property
     def params(self) -> int:
-        """Parameter count of the base model (embeddings and lm_head untied)."""
-        per_layer = sum(d_in * d_out for d_in, d_out in map(self.module_shape, ALL_LINEAR))
-        return self.layers * (per_layer + 2 * self.hidden) + 2 * self.vocab * self.hidden + self.hidden
+        """Parameter count of the base model: linear layers, q/k/v biases, norms, embeddings and lm_head
+        (one matrix when tied)."""
+        per_layer = sum(d_in * d_out for d_in, d_out in map(self.module_shape, ALL_LINEAR)) + 2 * self.hidden
+        if self.qkv_bias:
+            per_layer += self.hidden + 2 * self.kv_dim
+        embeddings = (1 if self.tied_embeddings else 2) * self.vocab * self.hidden
+        return self.layers * per_layer + embeddings + self.hidden
 
     def lora_params(self, rank: int, modules: tuple[str, ...] = DEFAULT_TARGET_MODULES) -> int:
         """Parameters of one rank-`rank` adapter on `modules` of every layer (A and B)."""
@@ -72,15 +83,98 @@ MODELS: dict[str, ModelShape] = {
     m.name: m
     for m in (
         # Small enough for CPU tests, with GQA and a non-square MLP so every code path runs.
-        ModelShape("tiny", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=176, vocab=256),
+        ModelShape("tiny", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=176, vocab=256, max_context=2048),
+        # Llama-2 7B / 13B shapes (the same as Llama-1's, with 4,096 tokens of context).
         ModelShape("llama-7b", hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32000),
         ModelShape(
             "mistral-7b", hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=32000,
-            rope_theta=1e6,
+            rope_theta=1e6, max_context=32768,
         ),
         ModelShape("llama-13b", hidden=5120, layers=40, heads=40, kv_heads=40, intermediate=13824, vocab=32000),
+        # From the checkpoints' config.json (meta-llama/Llama-3.1-8B and -70B, Qwen/Qwen2.5-7B and -72B;
+        # Qwen2.5 ties embeddings only at 0.5-3B). Llama 3.1's RoPE frequency scaling does not change any
+        # size lorabench models.
+        ModelShape(
+            "llama-3.1-8b", hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
+            rope_theta=500000.0, max_context=131072,
+        ),
+        ModelShape(
+            "llama-3.1-70b", hidden=8192, layers=80, heads=64, kv_heads=8, intermediate=28672, vocab=128256,
+            rope_theta=500000.0, max_context=131072,
+        ),
+        ModelShape(
+            "qwen2.5-7b", hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152064,
+            rope_theta=1e6, norm_eps=1e-6, qkv_bias=True, max_context=32768,
+        ),
+        ModelShape(
+            "qwen2.5-72b", hidden=8192, layers=80, heads=64, kv_heads=8, intermediate=29568, vocab=152064,
+            rope_theta=1e6, norm_eps=1e-6, qkv_bias=True, max_context=32768,
+        ),
     )
 }
+
+# What --model accepts, for help texts.
+MODEL_HELP = f"a preset ({', '.join(MODELS)}) or a Hugging Face config.json (or its folder)"
+
+# Hugging Face architectures whose decoder is the one lorabench models (RMSNorm, RoPE, GQA, SwiGLU).
+HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def shape_from_hf_config(path: str | Path) -> ModelShape:
+    """The ModelShape of a Hugging Face config.json (or a checkpoint folder holding one). Its name is
+    the path as given, so a run's config.json names the same file again."""
+    given = str(path)
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LorabenchError(f"--model {given}: no such file (expected a preset name or a Hugging Face "
+                             f"config.json; presets: {', '.join(MODELS)})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LorabenchError(f"model config {path}: not readable JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise LorabenchError(f"model config {path}: expected a JSON object")
+    architectures = config.get("architectures") or []
+    arch = architectures[0] if isinstance(architectures, list) and architectures else None
+    if arch not in HF_ARCHITECTURES:
+        raise LorabenchError(f"model config {path}: architecture {arch!r} is not supported; lorabench models "
+                             f"{', '.join(HF_ARCHITECTURES)}")
+
+    def field_of(key: str, kind: type, default=None):
+        value = config.get(key, default)
+        if value is None:
+            raise LorabenchError(f"model config {path}: field {key} is missing")
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise LorabenchError(f"model config {path}: field {key} must be true or false, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)) \
+                or value <= 0:
+            raise LorabenchError(f"model config {path}: field {key} must be a positive {kind.__name__}, got {value!r}")
+        return kind(value)
+
+    hidden, heads = field_of("hidden_size", int), field_of("num_attention_heads", int)
+    head_dim = config.get("head_dim")
+    if head_dim is not None and head_dim != hidden // heads:
+        raise LorabenchError(f"model config {path}: head_dim {head_dim} differs from hidden_size / "
+                             f"num_attention_heads = {hidden // heads}; lorabench models only the latter")
+    # Qwen2 always puts biases on q/k/v; Llama and Mistral only with attention_bias.
+    qkv_bias = arch == "Qwen2ForCausalLM" or field_of("attention_bias", bool, False)
+    return ModelShape(
+        given, hidden=hidden, layers=field_of("num_hidden_layers", int), heads=heads,
+        kv_heads=field_of("num_key_value_heads", int, heads), intermediate=field_of("intermediate_size", int),
+        vocab=field_of("vocab_size", int), rope_theta=field_of("rope_theta", float, 10000.0),
+        norm_eps=field_of("rms_norm_eps", float, 1e-6), qkv_bias=qkv_bias,
+        tied_embeddings=field_of("tie_word_embeddings", bool, False),
+        max_context=field_of("max_position_embeddings", int, 4096),
+    )
+
+
+def is_config_path(name: str) -> bool:
+    """Whether a --model value names a file or folder rather than a preset."""
+    return name.endswith(".json") or "/" in name or Path(name).is_dir()
 
 
 @dataclass(frozen=True)
@@ -111,6 +205,11 @@ DEVICES: dict[str, DeviceSpec] = {
         # Kernel cost: fitted to the decoder-layer times there (163.7 us at batch 1, ~10 kernels).
         DeviceSpec("h200", 694e12, 4249 * GB, 55.5 * GB, 139 * GIB, copy_latency_s=5.9e-6, measured=True),
         DeviceSpec("h100", 989e12 * 0.7, 3350 * GB * 0.9, 50 * GB, 80 * GIB),
+        # The H100 SXM 64 GB of the vLLM runs in ../shared/data (MareNostrum 5; 63.43 GiB visible to torch,
+        # from their logs). Datasheet: 989 TFLOP/s dense bf16 (x 0.7, as h100); its HBM2e bandwidth is not
+        # published for this variant: 0.9 x 2.0 TB/s is assumed (four HBM2e stacks, as the H100 PCIe's),
+        # to be replaced by a calibrated figure (`lorabench calibrate`, results/engines/).
+        DeviceSpec("h100-64gb", 989e12 * 0.7, 2000 * GB * 0.9, 50 * GB, int(63.43 * GIB)),
         DeviceSpec("a100", 312e12 * 0.8, 2039 * GB * 0.9, 24 * GB, 80 * GIB),
         DeviceSpec("l40s", 362e12 * 0.7, 864 * GB * 0.9, 24 * GB, 48 * GIB),
     )
@@ -128,10 +227,13 @@ def device_name(device) -> str:
 
 
 def model_preset(name: str) -> ModelShape:
-    try:
+    """A preset by name, or the shape of a Hugging Face config.json (a path to it or to its folder)."""
+    if name in MODELS:
         return MODELS[name]
-    except KeyError:
-        raise LorabenchError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
+    if is_config_path(name):
+        return shape_from_hf_config(name)
+    raise LorabenchError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}, or give a Hugging Face "
+                         "config.json")
 
 
 def device_preset(name: str) -> DeviceSpec:

@@ -10,7 +10,7 @@ import pandas as pd
 from lorabench.adapters.collection import load_collection
 from lorabench.adapters.synth import DTYPES, SynthSpec, write_synth_collection
 from lorabench.errors import LorabenchError
-from lorabench.presets import MODELS
+from lorabench.presets import MODEL_HELP
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     s = sub.add_parser("synth", help="write a synthetic adapter collection in PEFT format")
     s.add_argument("--n", type=int, required=True, help="number of adapters")
-    s.add_argument("--model", default="tiny", choices=list(MODELS), help="base model shape (default tiny)")
+    s.add_argument("--model", default="tiny", help=f"base model shape: {MODEL_HELP} (default tiny)")
     s.add_argument("--rank", type=_int_list, default=(16,), help="rank, or comma-separated ranks to mix (default 16)")
     s.add_argument("--clusters", type=int, default=1, help="planted clusters with their own shared subspaces")
     s.add_argument("--shared", type=float, default=0.75, help="fraction of each adapter's rank in its cluster's subspace")
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--out", required=True, help="collection directory to create")
     i = sub.add_parser("info", help="check a collection of PEFT adapters and describe it")
     i.add_argument("adapters_dir")
-    i.add_argument("--model", default=None, choices=list(MODELS), help="also check shapes against this model")
+    i.add_argument("--model", default=None, help=f"also check shapes against this model: {MODEL_HELP}")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from lorabench.compress.collection import CompressedCollection
 from lorabench.compress.module import CompressConfig
 from lorabench.compress.run import add_adapters, compress_collection
 from lorabench.errors import LorabenchError
-from lorabench.presets import GIB, MODELS
+from lorabench.presets import GIB, MODEL_HELP
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --clusters auto: GPU GiB for the whole compressed collection (caps K)")
     parser.add_argument("--normalize", action="store_true", help="fit adapters scaled to unit norm (norms kept)")
     parser.add_argument("--weights", default=None, help="JSON file {adapter name: weight} (others weigh 1)")
-    parser.add_argument("--model", default=None, choices=list(MODELS), help="check adapter shapes against a model")
+    parser.add_argument("--model", default=None, help=f"check adapter shapes against a model: {MODEL_HELP}")
     parser.add_argument("--dtype", default=None, choices=DTYPES, help="stored dtype (default: the adapters')")
     parser.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--device", default="cpu", help="torch device for the fits (cpu, cuda)")

@@ -13,7 +13,7 @@ import pandas as pd
 from lorabench.errors import LorabenchError
 from lorabench.experiments.runner import EXECUTORS, KV_POLICIES, Experiment, RunConfig, run_experiment
 from lorabench.outputs.results import default_run_dir
-from lorabench.presets import DEVICES, MODELS
+from lorabench.presets import DEVICES, MODEL_HELP
 from lorabench.sim.cluster import ROUTERS
 from lorabench.sim.memory import EVICTION_POLICIES
 from lorabench.strategies import parse_strategies
@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-loras", type=int, help="number of adapters (overrides the workload)")
     p.add_argument("--strategy", default="all", help="all, or a comma list of single,per-lora,paged,compressed "
                    "(single always runs: it is the baseline)")
-    p.add_argument("--model", default="mistral-7b", choices=sorted(MODELS))
+    p.add_argument("--model", default="mistral-7b", help=f"{MODEL_HELP} (default: %(default)s)")
     p.add_argument("--device", default="h200", choices=sorted(DEVICES))
     p.add_argument("--executor", choices=sorted(EXECUTORS),
                    help="measured (the real decoder and kernels, timed; the default when CUDA is present) or modeled")
