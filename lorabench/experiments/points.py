@@ -15,6 +15,12 @@ of the point's work are done (tqdm's method name, so a bar or a ticker serves al
 `on_progress(point, n)` runs in the caller's process as they arrive: progress bars for work done
 in other processes.
 
+Local workers never outlive the caller: if it stops by an exception (Ctrl-C, SIGTERM through the
+command line's handler, an error), the running workers are terminated before it goes on; if it dies
+at once (kill -9), each worker notices within a fraction of a second (the kernel's parent-death signal
+on Linux, and a thread watching the parent's pid everywhere) and exits, so nothing keeps writing
+into the caller's output folder.
+
 `sweep` and `capacity` choose with `--backend local|ray` (`add_backend_arguments`,
 `backend_from_args`); the Ray backend lives in `ray_backend.py`, imported only when asked for, so
 lorabench runs without Ray installed.
@@ -23,7 +29,12 @@ lorabench runs without Ray installed.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
 import queue
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -82,7 +93,8 @@ class LocalProcesses:
         context = get_context("spawn")
         ticks = context.Queue() if on_progress is not None else None
         pool = ProcessPoolExecutor(max_workers=min(self.jobs, len(points)), mp_context=context,
-                                   initializer=_worker_ticks, initargs=(ticks,))
+                                   initializer=_init_worker, initargs=(ticks, os.getpid()))
+        finished = False
         try:
             futures = {pool.submit(_call, fn, i, point, ticks is not None): point for i, point in enumerate(points)}
             pending = set(futures)
@@ -94,18 +106,50 @@ class LocalProcesses:
                     yield futures[future], future.result()
             if ticks is not None:  # what the last workers sent as they finished
                 _drain(ticks, points, on_progress)
+            finished = True
         finally:
-            # on an error or Ctrl-C, the points that have not started are not started; the caller
-            # waits only for those already running
+            if not finished:  # an error, Ctrl-C or SIGTERM: stop the points that are running too
+                _terminate_workers(pool)
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _terminate_workers(pool: ProcessPoolExecutor) -> None:
+    # ProcessPoolExecutor has no public way to stop running work before Python 3.14 (terminate_workers)
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(timeout=5)
+
+
 _ticks_queue = None  # in a worker: where its points' progress goes
+_parent_pid = None  # in a worker: the process that started it
+PARENT_POLL_S = 0.2
 
 
-def _worker_ticks(ticks) -> None:
-    global _ticks_queue
-    _ticks_queue = ticks
+def _init_worker(ticks, parent_pid: int) -> None:
+    global _ticks_queue, _parent_pid
+    _ticks_queue, _parent_pid = ticks, parent_pid
+    _die_with_parent()
+    threading.Thread(target=_watch_parent, name="lorabench-parent-watch", daemon=True).start()
+
+
+def _die_with_parent() -> None:
+    """On Linux, ask the kernel to kill this process the moment its parent dies."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # the watching thread still notices
+    if os.getppid() != _parent_pid:  # it died before that took effect
+        os._exit(1)
+
+
+def _watch_parent() -> None:
+    """Exit when the parent is gone (a dead parent's children are adopted by another process)."""
+    while os.getppid() == _parent_pid:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
 
 
 class _QueuedTicks:
@@ -126,6 +170,8 @@ class _QueuedTicks:
 
 
 def _call(fn: Callable[..., R], index: int, point, with_ticks: bool) -> R:
+    if os.getppid() != _parent_pid:  # a point queued before the parent died: not for anyone now
+        os._exit(1)
     if not with_ticks:
         return fn(point)
     ticks = _QueuedTicks(index)

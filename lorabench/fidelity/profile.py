@@ -98,7 +98,9 @@ def run_profile(model: str, strategies, ranks, n_loras: int, modules, compressed
     slots = min(n_loras, max(len(t) for t, _, _, _ in steps) + 1)
     decoder = Decoder(shape, dev, default_dtype(dev))
     points, modes = [], Counter()
-    bar = tqdm(total=len(strategies) * len(ranks) * len(steps), desc=f"profile {model}", disable=not progress)
+    # disable=None: tqdm draws bars only on a terminal, so a log gets no cursor codes
+    bar = tqdm(total=len(strategies) * len(ranks) * len(steps), desc=f"profile {model}",
+               disable=not progress or None)
     for strategy in strategies:
         for rank in ranks:
             setup = ServingSetup(shape, strategy, (rank,) * n_loras, modules, device=device, kv_tokens=kv_tokens,

@@ -196,7 +196,7 @@ def grid_points(config: BenchConfig, desc: str):
     torch.manual_seed(config.seed)
     weights = None
     points = [(m, n) for n in config.grid_n for m in config.grid_m]
-    for m, n in tqdm(points, desc=desc, unit="point"):
+    for m, n in tqdm(points, desc=desc, unit="point", disable=None):  # None: no bar when stderr is no terminal
         if weights is None or weights.n != n:
             weights = None  # free the last set first
             weights = LayerWeights.make(config, n, gen)
