@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from lorabench.adapters.types import AdapterConfig, ModuleKey
 from lorabench.errors import LorabenchError
@@ -202,5 +202,6 @@ def write_adapter(
         tensors[peft_key(key, "B")] = B.detach().contiguous().cpu()
     with atomic_dir(folder) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        # save() and a plain write, not save_file: that one makes the file 0600 whatever the umask
+        (tmp / WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "pt"}))
     return folder

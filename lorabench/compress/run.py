@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm import tqdm
 
 from lorabench.adapters.collection import AdapterCollection, adapter_folders, hash_adapter
@@ -50,7 +50,8 @@ def _save_module(folder: Path, name: str, U, V, S, cluster_of, dtype: torch.dtyp
         "S": S.to(dtype).contiguous().cpu(),
         "cluster_of": cluster_of.to(torch.int64).contiguous().cpu(),
     }
-    save_file(tensors, str(folder / MODULES_DIR / f"{name}.safetensors"))
+    # save() and a plain write, not save_file: that one makes the file 0600 whatever the umask
+    (folder / MODULES_DIR / f"{name}.safetensors").write_bytes(save(tensors))
 
 
 def _sizes(params_gpu: int, params_uncompressed: int, element_size: int) -> dict:

@@ -29,6 +29,7 @@ lorabench runs without Ray installed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import queue
@@ -92,11 +93,12 @@ class LocalProcesses:
         # spawn, not fork: the parent may hold torch/OpenMP threads that do not survive a fork
         context = get_context("spawn")
         ticks = context.Queue() if on_progress is not None else None
-        pool = ProcessPoolExecutor(max_workers=min(self.jobs, len(points)), mp_context=context,
-                                   initializer=_init_worker, initargs=(ticks, os.getpid()))
         finished = False
-        try:
+        with _signals_deferred():  # the pool starts its workers in the first submit
+            pool = ProcessPoolExecutor(max_workers=min(self.jobs, len(points)), mp_context=context,
+                                       initializer=_init_worker, initargs=(ticks, os.getpid()))
             futures = {pool.submit(_call, fn, i, point, ticks is not None): point for i, point in enumerate(points)}
+        try:
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, timeout=0.2 if ticks else None, return_when=FIRST_COMPLETED)
@@ -111,6 +113,29 @@ class LocalProcesses:
             if not finished:  # an error, Ctrl-C or SIGTERM: stop the points that are running too
                 _terminate_workers(pool)
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Ctrl-C and SIGTERM wait until the block is over, then act as they would have. Raised inside a
+    worker's start, their exception would leave a half-started worker that holds the pool's queue
+    and that no one stops, and the pool's shutdown would wait for it forever."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(caught[0])
 
 
 def _terminate_workers(pool: ProcessPoolExecutor) -> None:

@@ -49,10 +49,10 @@ def trace_window(text: str) -> tuple[float, float]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", default="zipf",
-                   help=f"shipped workload ({', '.join(builtin_workloads())}) or a .toml path")
+                   help=f"shipped workload ({', '.join(builtin_workloads())}) or a .toml path (default: %(default)s)")
     p.add_argument("--n-loras", type=int, help="number of adapters (overrides the workload)")
     p.add_argument("--strategy", default="all", help="all, or a comma list of single,per-lora,paged,compressed "
-                   "(single always runs: it is the baseline)")
+                   "(single always runs: it is the baseline) (default: %(default)s)")
     p.add_argument("--model", default="mistral-7b", help=f"base model: {MODEL_HELP} (default: %(default)s)")
     p.add_argument("--device", default="h200", choices=sorted(DEVICES),
                    help="GPU whose memory the server plans with and whose figures the cost model uses "

@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--m", help="comma-separated token counts (default: the full grid on CUDA, 1,16,64,256 on CPU)")
     p.add_argument("--n", help="comma-separated adapter counts (default: the full grid on CUDA, 1,8,64,512 on CPU)")
     p.add_argument("--d", type=int, default=4096, help="d_in = d_out of the layer (default 4096)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
     p.add_argument("--plan", action="store_true",
                    help="time nothing, no GPU needed: compile every Triton launch of the grid for sm_90 as the GPU "
