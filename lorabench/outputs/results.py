@@ -11,6 +11,7 @@ removed by the next one. Folders and files are created with the permissions the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -80,6 +81,13 @@ def _acquire(path: Path, target: Path, flag: str) -> int | None:
             os.close(fd)
             raise LorabenchError(f"{flag} {target}: another lorabench process (pid {pid}) is writing it; wait for "
                                  "it to finish or stop it") from None
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            os.close(fd)  # a filesystem without locks (some NFS setups): written unlocked, as before
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -104,7 +112,7 @@ def _abandoned(lock: Path) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return True
-    except BlockingIOError:
+    except OSError:  # held (or a filesystem without locks: then nothing is known to be stale)
         return False
     finally:
         os.close(fd)
