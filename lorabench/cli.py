@@ -7,10 +7,20 @@ only when their subcommand runs, so `lorabench --help` stays fast (torch is slow
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
+from concurrent.futures.process import BrokenProcessPool
 
+from lorabench import __version__
 from lorabench.errors import LorabenchError
+
+# What the gpu extra installs (pyproject.toml): the modeled path (run, sweep, capacity, plot, report,
+# compare, traces) needs none of it.
+GPU_PACKAGES = ("torch", "triton", "safetensors", "scipy")
+GPU_EXTRA_HINT = "pip install 'lorabench[gpu]' (in a checkout: pip install -e '.[gpu]')"
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -35,6 +45,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         prog="lorabench",
         description="Benchmark and simulate serving many LoRA adapters of one LLM.",
     )
+    parser.add_argument("--version", action="version", version=f"lorabench {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in COMMANDS.items():
@@ -46,17 +57,59 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that cleanup runs as for Ctrl-C (worker processes are
+    stopped, temporary folders removed)."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While the command runs, SIGTERM raises Terminated instead of ending the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    prog = f"lorabench {command}" if command else "lorabench"
+
+    def error(message: str, status: int) -> int:
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return status
+
     try:
-        return int(args._main(args) or 0)
+        with _sigterm_raises():
+            args = build_parser(argv).parse_args(argv)
+            return int(args._main(args) or 0)
     except LorabenchError as err:
-        print(f"lorabench {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return error(str(err), 2)
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in GPU_PACKAGES:
+            raise
+        return error(f"this needs {err.name.split('.')[0]}, which is not installed; it comes with the gpu extra: "
+                     f"{GPU_EXTRA_HINT}", 2)
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print(f"lorabench {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    except BrokenProcessPool:
+        return error("a worker process died (killed, or out of memory?); rerun to resume", 1)
+    except OSError as err:  # a full disk, a file that vanished: the system's words, without a traceback
+        return error(str(err), 1)

@@ -82,8 +82,9 @@ class ModelShape:
 MODELS: dict[str, ModelShape] = {
     m.name: m
     for m in (
-        # Small enough for CPU tests, with GQA and a non-square MLP so every code path runs.
-        ModelShape("tiny", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=176, vocab=256, max_context=2048),
+        # Small enough for CPU tests, with GQA and a non-square MLP so every code path runs; a toy with no
+        # checkpoint, its context is as long as mistral-7b's so that every shipped workload runs on it.
+        ModelShape("tiny", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=176, vocab=256, max_context=32768),
         # Llama-2 7B / 13B shapes (the same as Llama-1's, with 4,096 tokens of context).
         ModelShape("llama-7b", hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32000),
         ModelShape(

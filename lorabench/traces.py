@@ -188,6 +188,8 @@ def _read_csv(path: str, fmt: TraceFormat, adapter_column: str | None):
     except (pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise LorabenchError(f"{path}: not a readable CSV ({err})") from None
     df.columns = header_names(",".join(map(str, df.columns)))
+    if df.empty:
+        raise LorabenchError(f"{path}: no rows, only the header")
     if adapter_column is not None and adapter_column not in df.columns:
         raise LorabenchError(f"{path}: no column {adapter_column!r} to take adapters from; its columns are "
                              f"{', '.join(df.columns)}")
@@ -236,7 +238,17 @@ def _tokens(col: pd.Series, path: str, name: str) -> np.ndarray:
 
 
 def _azure_seconds(col: pd.Series, path: str) -> np.ndarray:
-    stamps = pd.to_datetime(col, format="ISO8601", errors="coerce")
+    aware = col.astype(str).str.contains(r"(?:[+-]\d\d:?\d\d|Z)$", regex=True)
+    if aware.any() and not aware.all():  # seconds between such rows would depend on a guess
+        first = int(np.flatnonzero((aware != aware.iloc[0]).to_numpy())[0])
+        _bad(path, first, f"column TIMESTAMP: {_show(col.iloc[first])} "
+                          f"{'has' if aware.iloc[first] else 'lacks'} a time zone and line "
+                          f"{line_of(path, 0)} does {'not' if aware.iloc[first] else ''}".rstrip()
+                          + "; give every row the same kind of time")
+    try:
+        stamps = pd.to_datetime(col, format="ISO8601", errors="coerce", utc=bool(aware.all()))
+    except ValueError as err:  # pandas refuses some mixes outright
+        raise LorabenchError(f"{path}: column TIMESTAMP: {err}") from None
     bad = np.flatnonzero(stamps.isna().to_numpy())
     if bad.size:
         _bad(path, bad[0], f"column TIMESTAMP: {_show(col.iloc[bad[0]])} is not a date and time "
@@ -284,8 +296,15 @@ def _read_jsonl(path: str, fmt: TraceFormat, adapter_column: str | None):
 
 
 def _adapter_ids(raw: np.ndarray, path: str, row: np.ndarray, fmt: TraceFormat, column: str) -> np.ndarray:
-    """Whole numbers are ids; other values are numbered in order of first appearance."""
+    """Whole numbers are ids; other values are numbered in order of first appearance. A column that
+    mixes the two is refused (a name among ids is a typo, and numbering would renumber every adapter)."""
     numbers = pd.to_numeric(pd.Series(raw), errors="coerce").to_numpy(dtype=np.float64)
+    names = np.flatnonzero(~np.isfinite(numbers))
+    if names.size and names.size < len(numbers):
+        i = int(names[np.argmin(row[names])])  # the first such row of the file
+        _bad(path, int(row[i]), f"column {column}: {_show(raw[i])} is not an adapter id (a whole number >= 0), "
+                                "and other rows hold ids: the column must be all ids or all names",
+             header=fmt.name != "mooncake")
     if np.isfinite(numbers).all():
         bad = np.flatnonzero((numbers < 0) | (numbers != np.floor(numbers)))
         if bad.size:

@@ -412,6 +412,8 @@ def _validate(w: Workload) -> None:
         bad("requests", f"must be >= 1, got {w.requests}")
     if w.duration is not None and not w.duration > 0:
         bad("duration", f"must be > 0 seconds, got {w.duration}")
+    if w.seed < 0:
+        bad("seed", f"must be an integer >= 0, got {w.seed}")
     a, p, ad = w.arrival, w.popularity, w.adapters
     if a.kind not in ARRIVAL_KINDS:
         bad("[arrival] kind", f"{a.kind!r} is unknown; expected one of {', '.join(ARRIVAL_KINDS)}")
@@ -433,7 +435,8 @@ def _validate(w: Workload) -> None:
         if spec.kind == "uniform" and not 1 <= spec.lo < spec.hi:
             bad(f"[{table}] lo, hi", f"must satisfy 1 <= lo < hi, got lo {spec.lo}, hi {spec.hi}")
         if spec.kind == "lognormal" and not (spec.median > 0 and spec.sigma >= 0 and 1 <= spec.min <= spec.max):
-            bad(f"[{table}]", f"lognormal needs median > 0, sigma >= 0 and 1 <= min <= max, got {spec}")
+            bad(f"[{table}]", f"lognormal needs median > 0, sigma >= 0 and 1 <= min <= max, got median "
+                              f"{spec.median:g}, sigma {spec.sigma:g}, min {spec.min}, max {spec.max}")
     if any(not _is_int(r) or r < 1 for r in ad.ranks):
         bad("[adapters] ranks", f"must be positive integers, got {list(ad.ranks)}")
     unknown = [m for m in ad.target_modules if m not in ALL_LINEAR]

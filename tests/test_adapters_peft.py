@@ -133,6 +133,9 @@ def _break(root, how):
         for k in [k for k in tensors if ".k_proj." in k]:
             del tensors[k]
         save_file(tensors, weights_path)
+        raw = json.loads(config_path.read_text())
+        raw["target_modules"] = [m for m in raw["target_modules"] if m != "k_proj"]
+        config_path.write_text(json.dumps(raw))
         return r"adapter_0001: lacks key '.*k_proj\.lora_A\.weight' \(target modules differ from adapter .*adapter_0000"
     if how == "not a target":
         raw = json.loads(config_path.read_text())

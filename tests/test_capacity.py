@@ -188,11 +188,11 @@ def test_strategies_that_do_not_fit_are_not_searched(tmp_path, monkeypatch):
     assert (tmp_path / "cap" / "charts" / "capacity.png").exists()
 
 
-def test_nothing_fits_every_row_says_why_and_the_chart_is_drawn(tmp_path):
+def test_nothing_fits_every_row_says_why_and_no_empty_chart_is_drawn(tmp_path):
     config = small_config(device="l40s", gpu_memory_utilization=0.1)  # 4.8 GB: not even the weights
     table = run_capacity(config, [1], tmp_path / "cap", settings_for(config), progress=False)
     assert table["status"].str.startswith("not searched:").all() and table["max_rate"].isna().all()
-    assert (tmp_path / "cap" / "charts" / "capacity.svg").exists()
+    assert not (tmp_path / "cap" / "charts").exists()
 
 
 def test_a_search_that_reaches_the_ceiling_says_so(tmp_path):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
+from tqdm import tqdm
 
 from lorabench.adapters.collection import load_collection
+from lorabench.adapters.peft import read_module
 from lorabench.adapters.synth import DTYPES, SynthSpec, write_synth_collection
 from lorabench.errors import LorabenchError
 from lorabench.presets import MODEL_HELP
@@ -26,20 +29,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--n", type=int, required=True, help="number of adapters")
     s.add_argument("--model", default="tiny", help=f"base model shape: {MODEL_HELP} (default tiny)")
     s.add_argument("--rank", type=_int_list, default=(16,), help="rank, or comma-separated ranks to mix (default 16)")
-    s.add_argument("--clusters", type=int, default=1, help="planted clusters with their own shared subspaces")
-    s.add_argument("--shared", type=float, default=0.75, help="fraction of each adapter's rank in its cluster's subspace")
+    s.add_argument("--clusters", type=int, default=1, help="planted clusters with their own shared subspaces (default: %(default)s)")
+    s.add_argument("--shared", type=float, default=0.75,
+                   help="fraction of each adapter's rank in its cluster's subspace (default: %(default)s)")
     s.add_argument("--shared-dim", type=int, default=None, help="dimension of a cluster's subspace (default: max rank)")
     s.add_argument("--noise", type=float, default=0.0, help="relative Gaussian noise on every A and B entry")
-    s.add_argument("--norm-spread", type=float, default=0.5, help="std of log adapter norm (0: all norms 1)")
-    s.add_argument("--modules", default="q_proj,k_proj,v_proj,o_proj", help="target modules, comma-separated")
+    s.add_argument("--norm-spread", type=float, default=0.5, help="std of log adapter norm, 0: all norms 1 (default: %(default)s)")
+    s.add_argument("--modules", default="q_proj,k_proj,v_proj,o_proj", help="target modules, comma-separated (default: %(default)s)")
     s.add_argument("--layers", type=int, default=None, help="adapt only the first LAYERS layers")
     s.add_argument("--rslora", action="store_true", help="rsLoRA scaling alpha / sqrt(r)")
-    s.add_argument("--dtype", default="float32", choices=DTYPES)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the weights (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="the same seed writes the same adapters (default: %(default)s)")
     s.add_argument("--out", required=True, help="collection directory to create")
     i = sub.add_parser("info", help="check a collection of PEFT adapters and describe it")
-    i.add_argument("adapters_dir")
+    i.add_argument("adapters_dir", help="the collection: one PEFT adapter folder per adapter")
     i.add_argument("--model", default=None, help=f"also check shapes against this model: {MODEL_HELP}")
+    i.add_argument("--headers-only", action="store_true",
+                   help="check configs and tensor shapes only, not the values (NaN, Inf, all-zero adapters): "
+                   "fast for a collection of many GB")
+
+
+def check_values(coll) -> str:
+    """Read every tensor: a LorabenchError for NaN or Inf (naming adapter, key and count); a line on the
+    adapters whose delta is all zero on some module (a fresh PEFT adapter's B is zero)."""
+    zero: dict[str, int] = {}
+    bar = tqdm(coll.adapters, desc="checking values", unit="adapter", disable=None)  # no bar in logs
+    for adapter in bar:
+        for key in coll.modules:
+            A, B = read_module(Path(adapter.folder), key)
+            a, b = A.double(), B.double()
+            if float(((a @ a.T) * (b.T @ b)).sum()) == 0:  # ||B A||_F^2 from r x r Gram matrices
+                zero[adapter.name] = zero.get(adapter.name, 0) + 1
+    if not zero:
+        return "values: all finite, no all-zero module"
+    shown = ", ".join(f"{name} ({n} of {len(coll.modules)} modules)" for name, n in list(zero.items())[:5])
+    return (f"values: all finite; {len(zero)} adapter(s) have all-zero modules, which compression leaves out of its "
+            f"errors: {shown}{' ...' if len(zero) > 5 else ''}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -64,5 +89,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"{len(coll)} adapters in {coll.root}, dtype {str(coll.dtype).removeprefix('torch.')}, "
               f"adapters per rank {dict(sorted(ranks.items()))}, {coll.uncompressed_params():,} parameters")
         print(pd.DataFrame(list(rows.values())).to_string(index=False))
+        if not args.headers_only:
+            print(check_values(coll))
         return 0
     raise LorabenchError(f"unknown action {args.action!r}")

@@ -64,6 +64,8 @@ class AdapterCollection:
             folder = Path(self.adapters[i].folder)
             try:
                 A, B = peft.read_module(folder, key)
+            except LorabenchError:
+                raise
             except Exception as err:
                 raise LorabenchError(f"adapter {folder}: cannot read module {key.name} ({err})") from None
             As.append(A)
@@ -78,7 +80,8 @@ class AdapterCollection:
     def hashes(self, progress: bool = False) -> list[str]:
         """sha256 of each adapter's config and weights files (identifies the compressed sources)."""
         if self._hashes is None:
-            bar = tqdm(self.adapters, desc="hashing", unit="adapter", disable=not progress)
+            # disable=None: tqdm draws bars only on a terminal, so a log gets no cursor codes
+            bar = tqdm(self.adapters, desc="hashing", unit="adapter", disable=not progress or None)
             self._hashes = [hash_adapter(Path(a.folder)) for a in bar]
         return self._hashes
 

@@ -10,12 +10,13 @@ reading a module's tensors is `read_module`.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from lorabench.adapters.types import AdapterConfig, ModuleKey
 from lorabench.errors import LorabenchError
@@ -75,6 +76,8 @@ def read_config(folder: Path) -> AdapterConfig:
     alpha = take("lora_alpha", (int, float))
     if r is None or r <= 0 or alpha is None:
         raise LorabenchError(f"{path}: field 'r' must be a positive integer and 'lora_alpha' a number")
+    if not 0 < alpha < math.inf:  # 0 would silently zero the adapter, < 0 flip its sign
+        raise LorabenchError(f"{path}: field 'lora_alpha' must be a number > 0, got {alpha!r}")
     targets = take("target_modules", (list, str), required=False)
     if isinstance(targets, str):  # a regex: the actual modules come from the weight keys
         raw["target_modules"] = targets
@@ -127,6 +130,10 @@ def scan_adapter(folder: Path) -> tuple[AdapterConfig, dict[ModuleKey, tuple[int
         raise LorabenchError(f"{path}: holds no LoRA weights")
     if len(dtypes) > 1:
         raise LorabenchError(f"{path}: mixes tensor dtypes {sorted(dtypes)}")
+    missing = sorted(set(config.target_modules) - {key.module for key in shapes})
+    if missing:
+        raise LorabenchError(f"{folder / CONFIG_FILE}: target_modules names {', '.join(map(repr, missing))}, but "
+                             f"{path} holds no weights for {'it' if len(missing) == 1 else 'them'}")
     modules: dict[ModuleKey, tuple[int, int, int]] = {}
     for key in sorted(shapes):
         halves = shapes[key]
@@ -153,9 +160,20 @@ def scan_adapter(folder: Path) -> tuple[AdapterConfig, dict[ModuleKey, tuple[int
 
 
 def read_module(folder: Path, key: ModuleKey) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of one module of one adapter, read through a memory map (only these bytes are touched)."""
+    """(A, B) of one module of one adapter, read through a memory map (only these bytes are touched);
+    one clear error if either holds NaN or Inf."""
     with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
-        return f.get_tensor(peft_key(key, "A")), f.get_tensor(peft_key(key, "B"))
+        return check_finite(folder, key, f.get_tensor(peft_key(key, "A")), f.get_tensor(peft_key(key, "B")))
+
+
+def check_finite(folder: Path, key: ModuleKey, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) unchanged, or a LorabenchError naming the adapter, the key and how many values are not finite."""
+    for which, tensor in (("A", A), ("B", B)):
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise LorabenchError(f"adapter {folder}: key {peft_key(key, which)!r} holds {bad} of {tensor.numel()} "
+                                 "values that are NaN or infinite")
+    return A, B
 
 
 def read_adapter(folder: str | Path) -> tuple[AdapterConfig, dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]]:
@@ -163,7 +181,8 @@ def read_adapter(folder: str | Path) -> tuple[AdapterConfig, dict[ModuleKey, tup
     folder = Path(folder)
     config, modules, _ = scan_adapter(folder)
     with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
-        factors = {k: (f.get_tensor(peft_key(k, "A")), f.get_tensor(peft_key(k, "B"))) for k in modules}
+        factors = {k: check_finite(folder, k, f.get_tensor(peft_key(k, "A")), f.get_tensor(peft_key(k, "B")))
+                   for k in modules}
     return config, factors
 
 
@@ -183,5 +202,6 @@ def write_adapter(
         tensors[peft_key(key, "B")] = B.detach().contiguous().cpu()
     with atomic_dir(folder) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        # save() and a plain write, not save_file: that one makes the file 0600 whatever the umask
+        (tmp / WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "pt"}))
     return folder

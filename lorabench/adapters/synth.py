@@ -149,7 +149,8 @@ def write_synth_collection(spec: SynthSpec, out: str | Path, progress: bool = Tr
     clusters, ranks = planted_clusters(spec), planted_ranks(spec)
     width = max(4, len(str(spec.n - 1)))
     with atomic_dir(out) as tmp:
-        for i in tqdm(range(spec.n), desc="adapters", unit="adapter", disable=not progress):
+        # disable=None: tqdm draws bars only on a terminal, so a log gets no cursor codes
+        for i in tqdm(range(spec.n), desc="adapters", unit="adapter", disable=not progress or None):
             config, factors = synth_adapter(spec, i, clusters[i], ranks[i])
             write_adapter(tmp / f"adapter_{i:0{width}d}", config, factors)
         meta = {k: v for k, v in asdict(spec).items() if k != "m"}

@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, help="R, the rank of the shared bases (required to compress)")
     parser.add_argument("--method", default="full", choices=["full", "diagonal", "svd"],
                         help="full R x R cores, diagonal cores, or per-adapter SVD (default full)")
-    parser.add_argument("--clusters", type=_clusters, default=1, help="groups with their own bases, or 'auto'")
+    parser.add_argument("--clusters", type=_clusters, default=1,
+                        help="groups of adapters with their own bases, or 'auto' (default: %(default)s)")
     parser.add_argument("--target-error", type=float, default=0.6,
                         help="with --clusters auto: mean relative error to reach (default 0.6)")
     parser.add_argument("--memory-budget", type=float, default=None,
@@ -49,12 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=None, help="JSON file {adapter name: weight} (others weigh 1)")
     parser.add_argument("--model", default=None, help=f"check adapter shapes against a model: {MODEL_HELP}")
     parser.add_argument("--dtype", default=None, choices=DTYPES, help="stored dtype (default: the adapters')")
-    parser.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--device", default="cpu", help="torch device for the fits (cpu, cuda)")
+    parser.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"],
+                        help="dtype the fits compute in (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="torch device for the fits: cpu, cuda (default: %(default)s)")
     parser.add_argument("--tol", type=float, default=1e-4,
                         help="stop when an iteration lowers the total error by less than this fraction (default 1e-4)")
-    parser.add_argument("--max-iter", type=int, default=50, help="iteration cap per fit")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-iter", type=int, default=50, help="iteration cap per fit (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the fits' random starts; the same seed gives the same result (default: %(default)s)")
     parser.add_argument("--onto", default=None, metavar="COMPRESSED_DIR",
                         help="fit the adapters of DIR onto this compressed collection's bases")
     parser.add_argument("--export", default=None, metavar="ADAPTER",

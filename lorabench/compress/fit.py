@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -63,6 +64,18 @@ class ModuleFit:
     @property
     def rank(self) -> int:
         return self.U.shape[2]
+
+    # An all-zero adapter has no relative error (0 / 0): the means and maxima leave it out, and the
+    # reports list it apart (compress/report.py), so it cannot pull the mean down.
+    @property
+    def mean_error(self) -> float:
+        errors = self.errors[self.norms2 > 0]
+        return float(errors.mean()) if errors.numel() else math.nan
+
+    @property
+    def max_error(self) -> float:
+        errors = self.errors[self.norms2 > 0]
+        return float(errors.max()) if errors.numel() else math.nan
 
 
 def relative(err: torch.Tensor, norms2: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,12 @@ class CompressConfig:
             raise LorabenchError("--method svd compresses each adapter alone; it takes no --clusters")
         if not 0 < self.target_error <= 1:
             raise LorabenchError(f"--target-error must be in (0, 1], got {self.target_error}")
+        if not 0 <= self.tol < 1:
+            raise LorabenchError(f"--tol must be a fraction in [0, 1), got {self.tol}")
+        if self.max_iter < 1:
+            raise LorabenchError(f"--max-iter must be >= 1, got {self.max_iter}")
+        if self.seed < 0:
+            raise LorabenchError(f"--seed must be an integer >= 0, got {self.seed}")
 
     def core_numbers(self) -> int:
         """Numbers per adapter core: R x R (full) or R (diagonal, svd)."""
@@ -89,7 +95,7 @@ def compress_module(
 
     def meets(k: int) -> bool:
         fits[k] = fits.get(k) or run(k)
-        return float(fits[k].errors.mean()) <= config.target_error
+        return fits[k].mean_error <= config.target_error
 
     k, failed = 1, 0
     while not meets(k):

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from lorabench.adapters.types import ModuleKey
 from lorabench.compress.fit import ModuleFit
@@ -27,7 +28,8 @@ def error_rows(key: ModuleKey, names: list[str], fit: ModuleFit) -> pd.DataFrame
             "layer": key.layer,
             "module": key.module,
             "cluster": fit.cluster_of.cpu().numpy(),
-            "relative_error": fit.errors.cpu().numpy(),
+            # an all-zero adapter has no relative error (0 / 0): empty here, and counted apart in the summary
+            "relative_error": torch.where(fit.norms2 > 0, fit.errors, torch.nan).cpu().numpy(),
             "norm": fit.norms2.cpu().sqrt().numpy(),
         }
     )
@@ -35,9 +37,12 @@ def error_rows(key: ModuleKey, names: list[str], fit: ModuleFit) -> pd.DataFrame
 
 def summarize(errors: pd.DataFrame, modules: list[dict], seconds: float, **settings) -> dict:
     bytes_gpu, bytes_uncompressed = (sum(m[k] for m in modules) for k in ("bytes_gpu", "bytes_uncompressed"))
+    zero = errors[errors["norm"] == 0]
     return {
-        "mean_error": float(errors["relative_error"].mean()),
+        "mean_error": float(errors["relative_error"].mean()),  # over the adapters that are not all zero
         "max_error": float(errors["relative_error"].max()),
+        "zero_norm_rows": len(zero),  # (adapter, module) pairs whose delta is all zero: left out of the errors
+        "zero_norm_adapters": sorted(set(zero["adapter"])),
         "bytes_gpu": int(bytes_gpu),
         "bytes_uncompressed": int(bytes_uncompressed),
         "params_gpu": sum(m["params_gpu"] for m in modules),
@@ -49,6 +54,16 @@ def summarize(errors: pd.DataFrame, modules: list[dict], seconds: float, **setti
         "clusters_used": sum(m["clusters"] for m in modules) / len(modules),  # mean K over modules
         **settings,
     }
+
+
+def zero_note(summary: dict) -> list[str]:
+    """A line naming the adapters with all-zero modules, which the errors leave out."""
+    names = summary.get("zero_norm_adapters") or []
+    if not names:
+        return []
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return [f"{len(names)} adapter(s) have all-zero modules ({summary['zero_norm_rows']} adapter-modules: {shown}); "
+            "their error is undefined and left out of the mean and max"]
 
 
 def write_reports(folder: Path, errors: pd.DataFrame, summary: dict) -> None:
@@ -70,6 +85,7 @@ def summary_table(errors: pd.DataFrame, modules: list[dict], summary: dict) -> s
         "",
         f"adapters {summary['n_adapters']}, modules {summary['n_modules']}: "
         f"mean error {summary['mean_error']:.4f}, max error {summary['max_error']:.4f}",
+        *zero_note(summary),
         f"GPU bytes {summary['bytes_gpu'] / GIB:.4f} GiB (bases + cores) vs {summary['bytes_uncompressed'] / GIB:.4f} GiB "
         f"uncompressed ({summary['compression_ratio']:.1f}x smaller), {summary['seconds']:.1f} s",
     ]

@@ -7,12 +7,13 @@ as soon as it is fitted, into a temporary folder renamed into place at the end.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm import tqdm
 
 from lorabench.adapters.collection import AdapterCollection, adapter_folders, hash_adapter
@@ -35,9 +36,10 @@ def _weights(collection: AdapterCollection, weights: dict[str, float] | None) ->
     unknown = sorted(set(weights) - set(collection.names))
     if unknown:
         raise LorabenchError(f"--weights: adapter {unknown[0]!r} is not in {collection.root}")
-    bad = [name for name, w in weights.items() if not isinstance(w, (int, float)) or w < 0]
+    bad = [name for name, w in weights.items()
+           if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 <= w < math.inf]
     if bad:
-        raise LorabenchError(f"--weights: weight of {bad[0]!r} must be a number >= 0")
+        raise LorabenchError(f"--weights: weight of {bad[0]!r} must be a finite number >= 0, got {weights[bad[0]]!r}")
     return torch.tensor([float(weights.get(n, 1.0)) for n in collection.names], dtype=torch.float64)
 
 
@@ -48,7 +50,8 @@ def _save_module(folder: Path, name: str, U, V, S, cluster_of, dtype: torch.dtyp
         "S": S.to(dtype).contiguous().cpu(),
         "cluster_of": cluster_of.to(torch.int64).contiguous().cpu(),
     }
-    save_file(tensors, str(folder / MODULES_DIR / f"{name}.safetensors"))
+    # save() and a plain write, not save_file: that one makes the file 0600 whatever the umask
+    (folder / MODULES_DIR / f"{name}.safetensors").write_bytes(save(tensors))
 
 
 def _sizes(params_gpu: int, params_uncompressed: int, element_size: int) -> dict:
@@ -68,8 +71,8 @@ def _module_record(key, d_in, d_out, fit: ModuleFit, element_size: int, params_u
         "d_out": d_out,
         "clusters": fit.clusters,
         "rank": fit.rank,
-        "mean_error": float(fit.errors.mean()),
-        "max_error": float(fit.errors.max()),
+        "mean_error": fit.mean_error,
+        "max_error": fit.max_error,
         "iterations": fit.iterations,
         "seconds": seconds,
         **_sizes(fit.U.numel() + fit.V.numel() + fit.S.numel(), params_uncompressed, element_size),
@@ -101,7 +104,8 @@ def compress_collection(
     records, frames = [], []
     with atomic_dir(out) as tmp:
         (tmp / MODULES_DIR).mkdir()
-        bar = tqdm(collection.modules, desc="modules", unit="module", disable=not progress)
+        # disable=None: tqdm draws bars only on a terminal, so a log gets no cursor codes
+        bar = tqdm(collection.modules, desc="modules", unit="module", disable=not progress or None)
         for key in bar:
             t0 = time.perf_counter()
             d_in, d_out = collection.shapes[key]
@@ -159,7 +163,8 @@ def add_adapters(
     clash = sorted(set(compressed.adapter_names) & {f.name for f in folders})
     if clash:
         raise LorabenchError(f"adapter {Path(new_dir) / clash[0]}: a compressed adapter has the same name")
-    fits = [compressed.fit_adapter(f) for f in tqdm(folders, desc="adapters", unit="adapter", disable=not progress)]
+    fits = [compressed.fit_adapter(f)
+            for f in tqdm(folders, desc="adapters", unit="adapter", disable=not progress or None)]
     meta = json.loads(json.dumps(compressed.metadata))
     dtype = getattr(torch, meta["dtype"])
     element_size = torch.empty((), dtype=dtype).element_size()
@@ -174,7 +179,8 @@ def add_adapters(
             _save_module(tmp, key.name, mod.U, mod.V, S, cluster_of, dtype)
             for f in fits:
                 new_rows.append({"adapter": f.name, "layer": key.layer, "module": key.module, "cluster": f.cluster[key],
-                                 "relative_error": f.errors[key], "norm": f.norms2[key] ** 0.5})
+                                 "relative_error": f.errors[key] if f.norms2[key] > 0 else math.nan,
+                                 "norm": f.norms2[key] ** 0.5})
             new_ranks = sum(f.ranks[key] for f in fits)
             record.update(_sizes(mod.U.numel() + mod.V.numel() + S.numel(),
                                  record["params_uncompressed"] + new_ranks * (record["d_in"] + record["d_out"]),

@@ -43,8 +43,8 @@ from lorabench.errors import LorabenchError
 from lorabench.experiments.points import Backend, add_backend_arguments, backend_from_args, local_backend
 from lorabench.experiments.rate_search import CapacityResult, Evaluation, Objective, find_capacity
 from lorabench.experiments.sweep import DEFAULT_N_LORAS, _FlagsExcept, check_same_sweep, config_dict, parse_counts, parse_n_loras
-from lorabench.outputs.results import write_csv_atomic, write_text_atomic
-from lorabench.outputs.tables import CAPACITY_COLUMNS, read_capacity
+from lorabench.outputs.results import remove_temporaries_under, write_csv_atomic, write_text_atomic, writer_lock
+from lorabench.outputs.tables import CAPACITY_COLUMNS, format_number, read_capacity, why_nothing_ran
 
 if TYPE_CHECKING:  # the simulator is imported only when a search runs, so `lorabench plot` starts fast
     from lorabench.experiments.runner import RunConfig
@@ -247,9 +247,16 @@ def run_capacity(
     backend = backend if backend is not None else local_backend(jobs)
     out = Path(out)
     start_rate(base)  # a workload without a rate to search is refused before anything is written
+    with writer_lock(out):  # one writer at a time; what a killed one left half-written goes
+        return _capacity(base, n_loras, out, settings, progress, replicas, backend)
+
+
+def _capacity(base: RunConfig, n_loras: list[int], out: Path, settings: SearchSettings, progress: bool,
+              replicas: list[int], backend: Backend) -> pd.DataFrame:
     wanted = capacity_config_dict(base, n_loras, settings, replicas)
     check_same_sweep(out, wanted, kind="capacity search")
     out.mkdir(parents=True, exist_ok=True)
+    remove_temporaries_under(out)
     write_text_atomic(out / "config.json", json.dumps(wanted, indent=2) + "\n")
 
     # an absolute folder: a Ray worker's working directory is not this one
@@ -257,7 +264,8 @@ def run_capacity(
                         s, settings) for n in n_loras for g in replicas for s in base.strategies]
     order = {(t.config.n_loras, t.config.replicas, t.strategy): i for i, t in enumerate(tasks)}
     done: dict[int, SearchOutcome] = {}
-    bar = tqdm(total=len(tasks), desc="capacity searches", unit="search", disable=not progress)
+    # disable=None: tqdm draws bars only on a terminal, so a log gets no cursor codes
+    bar = tqdm(total=len(tasks), desc="capacity searches", unit="search", disable=not progress or None)
     try:
         for task, outcome in backend.map_unordered(run_search, tasks):
             done[order[task.config.n_loras, task.config.replicas, task.strategy]] = outcome
@@ -269,9 +277,10 @@ def run_capacity(
     finally:
         bar.close()
     table = read_capacity(out)
-    from lorabench.outputs.plots import render
+    if (table["status"] == "ok").any():  # no empty chart when no search found a rate
+        from lorabench.outputs.plots import render
 
-    render(out, "capacity")
+        render(out, "capacity")
     return table
 
 
@@ -288,8 +297,10 @@ def write_tables(out: Path, outcomes: list[SearchOutcome]) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lorabench.experiments.run import add_arguments as add_run_arguments
 
-    # every flag of `lorabench run`; --n-loras is a grid, --rate where the search starts, --out a folder
-    add_run_arguments(_FlagsExcept(parser, {"--n-loras", "--rate", "--out", "--jobs", "--replicas"}))
+    # every flag of `lorabench run`; --n-loras is a grid, --rate where the search starts, --out a folder;
+    # a search writes no bench/ JSON, so --save-detailed would mean nothing
+    add_run_arguments(_FlagsExcept(parser, {"--n-loras", "--rate", "--out", "--jobs", "--replicas", "--save-detailed"}))
+    parser.set_defaults(save_detailed=None)
     parser.add_argument("--n-loras", default=",".join(map(str, DEFAULT_N_LORAS)),
                         help="comma-separated numbers of adapters, one search per strategy each "
                              "(default: %(default)s)")
@@ -328,10 +339,12 @@ def main(args: argparse.Namespace) -> int:
     backend = backend_from_args(args, folder=out)
     table = run_capacity(base, n_loras, out, settings, progress=not args.no_progress, replicas=replicas,
                          backend=backend)
+    if not (table["status"] == "ok").any():
+        raise LorabenchError(f"no strategy found a rate ({out / 'capacity.csv'}): {why_nothing_ran(table)}")
     shown = ["n_loras", "replicas", "strategy", "status", "max_rate", "output_throughput", "ttft_p99_ms", "tpot_p99_ms",
              "goodput_fraction", "bound_by", "iterations"]
     with pd.option_context("display.width", 200, "display.max_rows", 500, "display.max_colwidth", 40):
-        print(table[shown].to_string(index=False, float_format="%.3g"))
+        print(table[shown].to_string(index=False, float_format=format_number))
     kind = "MODELED" if base.executor == "modeled" else "MEASURED"
     print(f"\n{kind} ({base.executor} executor, {base.model} on {base.device}); max_rate: the highest arrival rate "
           f"(req/s) found meeting {'; '.join(map(str, settings.objectives))} to within {settings.rel_tol:g}.\n"

@@ -15,6 +15,12 @@ of the point's work are done (tqdm's method name, so a bar or a ticker serves al
 `on_progress(point, n)` runs in the caller's process as they arrive: progress bars for work done
 in other processes.
 
+Local workers never outlive the caller: if it stops by an exception (Ctrl-C, SIGTERM through the
+command line's handler, an error), the running workers are terminated before it goes on; if it dies
+at once (kill -9), each worker notices within a fraction of a second (the kernel's parent-death signal
+on Linux, and a thread watching the parent's pid everywhere) and exits, so nothing keeps writing
+into the caller's output folder.
+
 `sweep` and `capacity` choose with `--backend local|ray` (`add_backend_arguments`,
 `backend_from_args`); the Ray backend lives in `ray_backend.py`, imported only when asked for, so
 lorabench runs without Ray installed.
@@ -23,7 +29,13 @@ lorabench runs without Ray installed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import os
 import queue
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -81,10 +93,12 @@ class LocalProcesses:
         # spawn, not fork: the parent may hold torch/OpenMP threads that do not survive a fork
         context = get_context("spawn")
         ticks = context.Queue() if on_progress is not None else None
-        pool = ProcessPoolExecutor(max_workers=min(self.jobs, len(points)), mp_context=context,
-                                   initializer=_worker_ticks, initargs=(ticks,))
-        try:
+        finished = False
+        with _signals_deferred():  # the pool starts its workers in the first submit
+            pool = ProcessPoolExecutor(max_workers=min(self.jobs, len(points)), mp_context=context,
+                                       initializer=_init_worker, initargs=(ticks, os.getpid()))
             futures = {pool.submit(_call, fn, i, point, ticks is not None): point for i, point in enumerate(points)}
+        try:
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, timeout=0.2 if ticks else None, return_when=FIRST_COMPLETED)
@@ -94,18 +108,73 @@ class LocalProcesses:
                     yield futures[future], future.result()
             if ticks is not None:  # what the last workers sent as they finished
                 _drain(ticks, points, on_progress)
+            finished = True
         finally:
-            # on an error or Ctrl-C, the points that have not started are not started; the caller
-            # waits only for those already running
+            if not finished:  # an error, Ctrl-C or SIGTERM: stop the points that are running too
+                _terminate_workers(pool)
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """Ctrl-C and SIGTERM wait until the block is over, then act as they would have. Raised inside a
+    worker's start, their exception would leave a half-started worker that holds the pool's queue
+    and that no one stops, and the pool's shutdown would wait for it forever."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(caught[0])
+
+
+def _terminate_workers(pool: ProcessPoolExecutor) -> None:
+    # ProcessPoolExecutor has no public way to stop running work before Python 3.14 (terminate_workers)
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(timeout=5)
+
+
 _ticks_queue = None  # in a worker: where its points' progress goes
+_parent_pid = None  # in a worker: the process that started it
+PARENT_POLL_S = 0.2
 
 
-def _worker_ticks(ticks) -> None:
-    global _ticks_queue
-    _ticks_queue = ticks
+def _init_worker(ticks, parent_pid: int) -> None:
+    global _ticks_queue, _parent_pid
+    _ticks_queue, _parent_pid = ticks, parent_pid
+    _die_with_parent()
+    threading.Thread(target=_watch_parent, name="lorabench-parent-watch", daemon=True).start()
+
+
+def _die_with_parent() -> None:
+    """On Linux, ask the kernel to kill this process the moment its parent dies."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # the watching thread still notices
+    if os.getppid() != _parent_pid:  # it died before that took effect
+        os._exit(1)
+
+
+def _watch_parent() -> None:
+    """Exit when the parent is gone (a dead parent's children are adopted by another process)."""
+    while os.getppid() == _parent_pid:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
 
 
 class _QueuedTicks:
@@ -126,6 +195,8 @@ class _QueuedTicks:
 
 
 def _call(fn: Callable[..., R], index: int, point, with_ticks: bool) -> R:
+    if os.getppid() != _parent_pid:  # a point queued before the parent died: not for anyone now
+        os._exit(1)
     if not with_ticks:
         return fn(point)
     ticks = _QueuedTicks(index)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -13,6 +14,7 @@ import pandas as pd
 from lorabench.errors import LorabenchError
 from lorabench.experiments.runner import EXECUTORS, KV_POLICIES, Experiment, RunConfig, run_experiment
 from lorabench.outputs.results import default_run_dir
+from lorabench.outputs.tables import format_number, why_nothing_ran
 from lorabench.presets import DEVICES, MODEL_HELP
 from lorabench.sim.cluster import ROUTERS
 from lorabench.sim.memory import EVICTION_POLICIES
@@ -47,14 +49,17 @@ def trace_window(text: str) -> tuple[float, float]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", default="zipf",
-                   help=f"shipped workload ({', '.join(builtin_workloads())}) or a .toml path")
+                   help=f"shipped workload ({', '.join(builtin_workloads())}) or a .toml path (default: %(default)s)")
     p.add_argument("--n-loras", type=int, help="number of adapters (overrides the workload)")
     p.add_argument("--strategy", default="all", help="all, or a comma list of single,per-lora,paged,compressed "
-                   "(single always runs: it is the baseline)")
-    p.add_argument("--model", default="mistral-7b", help=f"{MODEL_HELP} (default: %(default)s)")
-    p.add_argument("--device", default="h200", choices=sorted(DEVICES))
+                   "(single always runs: it is the baseline) (default: %(default)s)")
+    p.add_argument("--model", default="mistral-7b", help=f"base model: {MODEL_HELP} (default: %(default)s)")
+    p.add_argument("--device", default="h200", choices=sorted(DEVICES),
+                   help="GPU whose memory the server plans with and whose figures the cost model uses "
+                   "(default: %(default)s)")
     p.add_argument("--executor", choices=sorted(EXECUTORS),
-                   help="measured (the real decoder and kernels, timed; the default when CUDA is present) or modeled")
+                   help="measured (the real decoder and kernels, timed; the default when CUDA is present) or modeled "
+                   "(a cost model of --device; the default elsewhere)")
     p.add_argument("--adapters", help="measured: a PEFT adapter collection folder (default: random weights)")
     p.add_argument("--compressed", help="measured: a collection from `lorabench compress` for the compressed strategy")
     p.add_argument("--torch-device", help="measured: torch device to run on (default: cuda if present, else cpu)")
@@ -63,8 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "results/profiles/<device>-<model>.json when it exists)")
     p.add_argument("--requests", type=int, help="number of requests (overrides the workload)")
     p.add_argument("--rate", type=float, help="arrival rate, requests/s (overrides the workload)")
-    p.add_argument("--duration", type=float, help="stop arrivals after this many seconds")
-    p.add_argument("--seed", type=int, help="random seed (overrides the workload)")
+    p.add_argument("--duration", type=float, help="stop arrivals after this many seconds (default: the workload's)")
+    p.add_argument("--seed", type=int, help="random seed, an integer >= 0 (overrides the workload)")
     p.add_argument("--alpha", type=float, help="popularity exponent (zipf alpha / slora-power alpha)")
     p.add_argument("--rank", type=rank_list,
                    help="adapter rank, or a comma list to draw from (e.g. 8,16,32,64)")
@@ -72,41 +77,75 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="trace replay: replay seconds per trace second (0.5 replays twice as fast)")
     p.add_argument("--trace-window", type=trace_window, metavar="START,END",
                    help="trace replay: only the rows from START to END seconds of the trace's clock")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--chunked-prefill", action="store_true")
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="most requests running in one batch, as vLLM's flag (default: %(default)s)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                   help="most tokens one step processes, as vLLM's flag (default: %(default)s)")
+    p.add_argument("--chunked-prefill", action="store_true",
+                   help="split long prompts into chunks that share steps with decodes (default: whole prompts)")
     p.add_argument("--kv-policy", default="reserve", choices=KV_POLICIES,
-                   help="reserve: requests wait for KV memory; preempt: allocate as they grow, preempt the newest")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+                   help="reserve: requests wait for KV memory; preempt: allocate as they grow, preempt the newest "
+                   "(default: %(default)s)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of the device's memory the server may use, in (0, 1], as vLLM's flag; the base "
+                   "weights come out of it, the rest holds adapters and KV cache (default: %(default)s)")
     p.add_argument("--max-loras", type=int, help="per-lora GPU adapter slots (default: matched memory with compressed)")
     p.add_argument("--max-cpu-loras", type=int, help="per-lora host-memory adapter cache (default: all)")
     p.add_argument("--replicas", type=int, default=1,
-                   help="identical GPUs behind a router, each with its own scheduler, KV cache and adapter memory")
+                   help="identical GPUs behind a router, each with its own scheduler, KV cache and adapter memory "
+                   "(default: %(default)s)")
     p.add_argument("--router", default="round-robin", choices=ROUTERS,
                    help="which replica a request goes to (with --replicas): round-robin, least-loaded (fewest "
                    "outstanding tokens), power-of-two (the less loaded of two at random), affinity (an adapter's "
-                   "home replica by consistent hashing, spilling to the least loaded when it is busy)")
+                   "home replica by consistent hashing, spilling to the least loaded when it is busy) "
+                   "(default: %(default)s)")
     p.add_argument("--affinity-slack", type=float, default=0.25,
-                   help="affinity router: spill when the home replica's load would exceed (1 + slack) x the mean")
+                   help="affinity router: spill when the home replica's load would exceed (1 + slack) x the mean "
+                   "(default: %(default)s)")
     p.add_argument("--eviction", default="lru", choices=EVICTION_POLICIES,
                    help="which unused adapter leaves the GPU first when room is needed (per-lora, paged): least "
                    "recently used, first loaded, or least frequently used (default: %(default)s)")
     p.add_argument("--pin-hot", type=int, default=0, metavar="K",
-                   help="the K adapters with the most requests stay on the GPU from the start and are never evicted")
+                   help="the K adapters with the most requests stay on the GPU from the start and are never evicted "
+                   "(default: %(default)s)")
     p.add_argument("--packed-adapters", action="store_true",
                    help="adapters in one contiguous host buffer each: one copy per load instead of one per tensor")
-    p.add_argument("--ttft-slo-ms", type=float, default=2000.0)
-    p.add_argument("--tpot-slo-ms", type=float, default=100.0)
+    p.add_argument("--ttft-slo-ms", type=float, default=2000.0,
+                   help="goodput objective: time to first token at most this many ms (default: %(default)g)")
+    p.add_argument("--tpot-slo-ms", type=float, default=100.0,
+                   help="goodput objective: time per output token after the first at most this many ms "
+                   "(default: %(default)g)")
     p.add_argument("--save-detailed", action=argparse.BooleanOptionalAction, default=None,
                    help="per-request arrays (ttfts, itls, ...) in bench/<strategy>.json, as vllm bench serve "
                    "--save-detailed (default: only when a strategy's inter-token latencies are at most 100,000)")
     p.add_argument("--jobs", type=int, help="strategies served in parallel processes (default: one per CPU core, "
                    "up to the number of strategies; a measured run serves them one after another)")
     p.add_argument("--out", type=Path, help="run folder (default results/<timestamp>-<workload>-<n>)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (there are none anyway when stderr is not a terminal)")
+
+
+# RunConfig fields that are flags of the same name (ranks: --rank), for its error messages
+FLAG_FIELDS = ("n_loras", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "max_loras",
+               "max_cpu_loras", "ttft_slo_ms", "tpot_slo_ms", "requests", "rate", "duration", "alpha", "ranks",
+               "time_scale", "trace_window", "pin_hot", "replicas", "affinity_slack", "seed")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    try:
+        return _config_from_args(args)
+    except LorabenchError as err:
+        # RunConfig names fields; on the command line they are flags.
+        msg = str(err)
+        for field in FLAG_FIELDS:
+            if msg.startswith(field + " "):
+                flag = "--rank" if field == "ranks" else "--" + field.replace("_", "-")
+                msg = flag + msg[len(field):]
+                break
+        raise LorabenchError(msg) from None
+
+
+def _config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         workload=args.workload, n_loras=args.n_loras, rate=args.rate, requests=args.requests,
         duration=args.duration, seed=args.seed, alpha=args.alpha, ranks=args.rank,
@@ -140,7 +179,10 @@ def default_executor() -> str:
     """measured where CUDA is present, modeled elsewhere."""
     if sys.platform == "darwin" or (sys.platform.startswith("linux") and not any(map(os.path.exists, GPU_DEVICE_FILES))):
         return "modeled"
-    import torch
+    try:
+        import torch
+    except ImportError:  # installed without the gpu extra: the modeled path is all there is
+        return "modeled"
 
     return "measured" if torch.cuda.is_available() else "modeled"
 
@@ -151,30 +193,20 @@ def default_jobs(config: RunConfig) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        config = config_from_args(args)
-    except LorabenchError as err:
-        # RunConfig names fields; on the command line they are flags.
-        msg = str(err)
-        for field in ("n_loras", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "max_loras",
-                      "max_cpu_loras", "ttft_slo_ms", "tpot_slo_ms", "requests", "rate", "duration", "alpha", "ranks",
-                      "time_scale", "trace_window", "pin_hot", "replicas",
-                      "affinity_slack"):
-            if msg.startswith(field + " "):
-                flag = "--rank" if field == "ranks" else "--" + field.replace("_", "-")
-                msg = flag + msg[len(field):]
-                break
-        raise LorabenchError(msg) from None
+    config = config_from_args(args)
     workload = config.load_workload()
     out = args.out or default_run_dir(config.workload, workload.n_loras)
     if out.exists():
         raise LorabenchError(f"--out {out}: already exists; choose a new folder")
     print(f"lorabench run: workload {workload.name} ({workload.source}), {workload.n_loras} adapters, "
-          f"{config.model} on {config.device}, executor {config.executor}")
+          f"{where_it_runs(config)}")
     if args.jobs is not None and args.jobs < 1:
         raise LorabenchError(f"--jobs {args.jobs}: must be >= 1")
     jobs = args.jobs or default_jobs(config)
     summary = run_experiment(config, out_dir=out, progress=not args.no_progress, jobs=jobs)
+    if not (summary["status"] == "ok").any():
+        shutil.rmtree(out, ignore_errors=True)  # a folder of empty tables is no result
+        raise LorabenchError(f"no strategy could run ({config.model} on {config.device}): {why_nothing_ran(summary)}")
     print()
     print(format_table(summary))
     print()
@@ -182,13 +214,29 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def where_it_runs(config: RunConfig) -> str:
+    """'mistral-7b on h200, executor modeled', or for a measured run where its steps are timed."""
+    if config.executor == "modeled":
+        return f"{config.model} on {config.device}, executor modeled"
+    from lorabench.sim.measured import torch_device
+
+    return (f"{config.model}, executor measured on {torch_device(config)} (memory planned as on one "
+            f"{config.device}: --device)")
+
+
 CLUSTER_TABLE = (("load_imbalance", "imbalance"), ("replica_hit_rate_min", "replica hit min"))
 
 
 def format_table(summary: pd.DataFrame) -> str:
+    """The table, then once per reason the strategies that could not run (the table says "not run")."""
     shown = TABLE + tuple(c for c in CLUSTER_TABLE if c[0] in summary)  # a cluster: how evenly it was loaded
     table = summary[[c for c, _ in shown]].rename(columns=dict(shown))
-    return table.to_string(index=False, float_format=lambda v: f"{v:,.3g}" if abs(v) < 10 else f"{v:,.0f}")
+    failed = summary[summary["status"] != "ok"]
+    table["status"] = ["ok" if s == "ok" else "not run" for s in summary["status"]]
+    lines = [table.to_string(index=False, float_format=format_number)]
+    for reason, group in failed.groupby("status", sort=False):
+        lines.append(f"{', '.join(group['strategy'])} not run: {reason}")
+    return "\n".join(lines)
 
 
 # Below this share of the budget, holding every adapter in a per-lora slot is what a deployment would do.
@@ -216,6 +264,11 @@ def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
     ad = exp.workload.adapters
     kind = ("MODELED figures (a roofline cost model of the device, not a measurement)"
             if config.executor == "modeled" else "MEASURED step times")
+    memory = f"the {exp.device.memory_bytes / 2**30:.0f} GiB of one {config.device}"
+    elsewhere = config.executor == "measured" and not str(first["device"]).startswith(config.device)
+    written = [name for name in ("summary.csv", "requests/", "steps/", "replicas/") if (out / name.rstrip("/")).exists()]
+    if (out / "bench").is_dir():
+        written.append("bench/ as vllm bench serve writes results")
     slots = "as --max-loras set" if config.max_loras else "as many as fit in the memory the compressed adapters take"
     gpus = (f"one {first['device']}" if config.replicas == 1 else
             f"{config.replicas} x {first['device']} behind a {config.router} router (GPU figures are per replica; "
@@ -225,9 +278,11 @@ def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
         f"{kind}: {first['model']} on {gpus}, {int(first['requests'])} requests of workload "
         f"{first['workload']} over {int(first['n_loras'])} adapters, the same stream for every strategy.",
         f"Every strategy had the same GPU budget for adapters + KV cache: {plan.budget / 2**30:.1f} GiB "
-        f"({config.gpu_memory_utilization:g} x device memory - {plan.weights / 2**30:.1f} GiB of weights). "
-        f"per-lora got {plan.slots} adapter slots (= distinct adapters per batch), {slots}; compressed shares "
-        f"rank-{ad.compressed_rank} bases over {ad.clusters} cluster(s).",
+        f"({config.gpu_memory_utilization:g} x {memory} - {plan.weights / 2**30:.1f} GiB of weights)."
+        + (f" (Memory is planned as on --device {config.device}; the steps ran on {str(first['device']).split()[0]}.)"
+           if elsewhere else "")
+        + (f" per-lora got {plan.slots} adapter slots (= distinct adapters per batch), {slots}; compressed shares "
+           f"rank-{ad.compressed_rank} bases over {ad.clusters} cluster(s)." if plan.status == "ok" else ""),
         "tok/s: output tokens per second; vs single: that over the single-LoRA baseline (every request on one "
         "adapter); TTFT: time to first token; TPOT: time per output token after the first; goodput: requests/s "
         f"meeting TTFT <= {config.ttft_slo_ms:g} ms and TPOT <= {config.tpot_slo_ms:g} ms; loads: host->GPU "
@@ -236,6 +291,6 @@ def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
         *starved_per_lora_hint(plan, config, int(first["n_loras"])),
         "Below saturation every strategy finishes the same work and differs in latency; --workload offline "
         "measures peak throughput.",
-        f"Results: {out}/ (summary.csv, requests/, steps/, bench/ as vllm bench serve writes results, config.json)",
+        f"Results: {out}/ ({', '.join(written + ['config.json'])})",
     ]
     return "\n".join(textwrap.fill(p, width=100) for p in paragraphs)

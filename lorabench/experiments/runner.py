@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -102,10 +103,11 @@ class RunConfig:
             object.__setattr__(self, "trace_window", tuple(float(t) for t in self.trace_window))
         checks = [
             ("n_loras", self.n_loras is None or self.n_loras >= 1, ">= 1"),
-            ("rate", self.rate is None or self.rate > 0, "> 0 requests per second"),
+            ("rate", self.rate is None or 0 < self.rate < math.inf, "a finite number > 0 of requests per second"),
+            ("seed", self.seed is None or self.seed >= 0, "an integer >= 0"),
             ("requests", self.requests is None or self.requests >= 1, ">= 1"),
             ("duration", self.duration is None or self.duration > 0, "> 0 seconds"),
-            ("alpha", self.alpha is None or self.alpha >= 0, ">= 0"),
+            ("alpha", self.alpha is None or 0 <= self.alpha < math.inf, "a finite number >= 0"),
             ("time_scale", self.time_scale is None or 0 < self.time_scale < float("inf"), "> 0"),
             ("trace_window", self.trace_window is None or (len(self.trace_window) == 2
                                                            and 0 <= self.trace_window[0] < self.trace_window[1]),
@@ -177,6 +179,24 @@ def _resolve_device(config: RunConfig) -> DeviceSpec:
     return device
 
 
+def check_context(requests: Requests, model: ModelShape, workload: Workload) -> None:
+    """Refuse requests longer than the model's context (prompt + output tokens > max_context): a server
+    rejects them, so serving them would give figures no deployment of this model can reach."""
+    if not len(requests):
+        raise LorabenchError(f"workload {workload.source}: no requests to serve (check requests, duration and the "
+                             "trace window)")
+    total = requests.prompt_tokens + requests.output_tokens
+    over = np.flatnonzero(total > model.max_context)
+    if over.size:
+        i = int(over[np.argmax(total[over])])
+        raise LorabenchError(
+            f"workload {workload.source}: {over.size} of {len(requests)} requests exceed the {model.max_context:,}-token "
+            f"context of model {model.name}; the longest, request {i}, has {requests.prompt_tokens[i]:,} prompt + "
+            f"{requests.output_tokens[i]:,} output tokens (lower the workload's [prompt]/[output] lengths, or choose a "
+            "model with a longer context)"
+        )
+
+
 class StrategyUnavailable(RuntimeError):
     """The strategy cannot serve this experiment (its message is the summary's status)."""
 
@@ -203,7 +223,9 @@ class Experiment:
                 f"max_num_batched_tokens ({config.max_num_batched_tokens}) is below the longest prompt of workload "
                 f"{workload.source} ({longest} tokens): raise it or enable chunked prefill"
             )
-        return cls(config, workload, requests, model_preset(config.model), _resolve_device(config),
+        model = model_preset(config.model)
+        check_context(requests, model, workload)
+        return cls(config, workload, requests, model, _resolve_device(config),
                    workload.adapter_ranks(), workload.adapter_clusters())
 
     def strategy(self, name: str) -> Strategy:
@@ -286,8 +308,9 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, progres
     created = datetime.now(timezone.utc)
     backend = local_backend(jobs) if config.executor == "modeled" else InProcess()
     with atomic_dir(out_dir) if out_dir is not None else contextlib.nullcontext() as tmp:
-        bars = {name: tqdm(total=len(exp.requests), desc=f"{name:>10}", unit="req", position=i, disable=not progress)
-                for i, name in enumerate(config.strategies)}
+        # disable=None: tqdm draws bars only on a terminal, so a log gets no cursor codes
+        bars = {name: tqdm(total=len(exp.requests), desc=f"{name:>10}", unit="req", position=i,
+                           disable=not progress or None) for i, name in enumerate(config.strategies)}
 
         def advance(name: str, n: int) -> None:
             bar = bars[name]

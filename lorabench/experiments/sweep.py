@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from lorabench.errors import LorabenchError
 from lorabench.experiments.points import Backend, add_backend_arguments, backend_from_args, local_backend
-from lorabench.outputs.results import write_csv_atomic, write_text_atomic
-from lorabench.outputs.tables import point_dir
+from lorabench.outputs.results import remove_temporaries_under, write_csv_atomic, write_text_atomic, writer_lock
+from lorabench.outputs.tables import format_number, point_dir, why_nothing_ran
 
 if TYPE_CHECKING:  # the simulator is imported only when a sweep runs, so `lorabench plot` starts fast
     from lorabench.experiments.runner import RunConfig
@@ -175,15 +175,23 @@ def run_sweep(
     backend = backend if backend is not None else local_backend(jobs)
     out = Path(out)
     base.load_workload()  # a bad workload file is the user's error, not a point that cannot run
+    with writer_lock(out):  # one writer at a time; what a killed one left half-written goes
+        return _sweep(base, n_loras, out, backend, progress, on_point)
+
+
+def _sweep(base: RunConfig, n_loras: list[int], out: Path, backend: Backend, progress: bool,
+           on_point: Callable[[int], None] | None) -> pd.DataFrame:
     wanted_sweep = sweep_config_dict(base, n_loras)
     check_same_sweep(out, wanted_sweep)
     out.mkdir(parents=True, exist_ok=True)
+    remove_temporaries_under(out)
     write_text_atomic(out / "config.json", json.dumps(wanted_sweep, indent=2) + "\n")
 
     configs = {n: dataclasses.replace(base, n_loras=n) for n in n_loras}
     todo = [n for n in n_loras if not finished_point(out, n, config_dict(configs[n]))]
     done = set(n_loras) - set(todo)
-    bar = tqdm(total=len(n_loras), initial=len(done), desc="sweep points", unit="point", disable=not progress)
+    # disable=None: tqdm draws bars only on a terminal, so a log gets no cursor codes
+    bar = tqdm(total=len(n_loras), initial=len(done), desc="sweep points", unit="point", disable=not progress or None)
 
     def finished(n: int) -> None:
         done.add(n)
@@ -249,10 +257,12 @@ def main(args: argparse.Namespace) -> int:
     out = args.out or Path("results") / f"sweep-{Path(base.workload).stem}"
     backend = backend_from_args(args, folder=out)
     table = run_sweep(base, n_loras, out, progress=not args.no_progress, backend=backend)
+    if not (table["status"] == "ok").any():
+        raise LorabenchError(f"no strategy ran at any point ({out / 'sweep.csv'}): {why_nothing_ran(table)}")
     shown = ["n_loras", "strategy", "status", "output_throughput", "throughput_vs_single",
              "ttft_p99_ms", "tpot_p99_ms", "gpu_memory_peak_gib"]
     with pd.option_context("display.width", 160, "display.max_rows", 500, "display.max_colwidth", 40):
-        print(table[[c for c in shown if c in table.columns]].to_string(index=False, float_format="%.3g"))
+        print(table[[c for c in shown if c in table.columns]].to_string(index=False, float_format=format_number))
     print(f"\nwrote {out / 'sweep.csv'} ({table['executor'].iloc[0]} executor, device {table['device'].iloc[0]}); "
           f"charts: lorabench plot {out}; report: lorabench report {out}")
     return 0

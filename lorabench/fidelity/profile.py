@@ -52,13 +52,14 @@ def grid_steps(grid: str, n_loras: int) -> list[tuple[list[int], list[int], list
 def add_arguments(p: argparse.ArgumentParser) -> None:
     cuda = torch.cuda.is_available()
     p.add_argument("--model", default="mistral-7b" if cuda else "tiny", help="model preset (default: mistral-7b on a GPU, tiny on the CPU)")
-    p.add_argument("--strategy", default="all", help="all, or a comma-separated list of " + ", ".join(STRATEGIES))
+    p.add_argument("--strategy", default="all", help="all, or a comma-separated list of " + ", ".join(STRATEGIES) + " (default: all)")
     p.add_argument("--ranks", default="16", help="comma-separated LoRA ranks to profile (default 16)")
     p.add_argument("--n-loras", type=int, default=256, help="adapters the grid draws from (default 256)")
-    p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj", help="modules with LoRA, or all-linear")
+    p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj", help="modules with LoRA, or all-linear (default: %(default)s)")
     p.add_argument("--compressed-rank", type=int, default=64, help="shared rank R of the compressed strategy (default 64)")
-    p.add_argument("--grid", choices=sorted(GRIDS), default="full" if cuda else "quick")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per point (their median is kept)")
+    p.add_argument("--grid", choices=sorted(GRIDS), default="full" if cuda else "quick",
+                   help="the points timed (default: full on a GPU, quick on the CPU)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per point, their median is kept (default: %(default)s)")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--device", default="cuda" if cuda else "cpu", help="torch device to measure (default: cuda if present)")
     p.add_argument("--out", type=Path, help="output file (default results/profiles/<device>-<model>.json)")
@@ -98,7 +99,9 @@ def run_profile(model: str, strategies, ranks, n_loras: int, modules, compressed
     slots = min(n_loras, max(len(t) for t, _, _, _ in steps) + 1)
     decoder = Decoder(shape, dev, default_dtype(dev))
     points, modes = [], Counter()
-    bar = tqdm(total=len(strategies) * len(ranks) * len(steps), desc=f"profile {model}", disable=not progress)
+    # disable=None: tqdm draws bars only on a terminal, so a log gets no cursor codes
+    bar = tqdm(total=len(strategies) * len(ranks) * len(steps), desc=f"profile {model}",
+               disable=not progress or None)
     for strategy in strategies:
         for rank in ranks:
             setup = ServingSetup(shape, strategy, (rank,) * n_loras, modules, device=device, kv_tokens=kv_tokens,

@@ -27,9 +27,11 @@ METRICS = (("output_throughput", "tok/s"), ("ttft_mean_ms", "TTFT mean ms"), ("t
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from lorabench.experiments.run import add_arguments as run_arguments
+    from lorabench.experiments.sweep import _FlagsExcept
 
-    run_arguments(p)  # the same flags as `lorabench run`; --executor and --device are set here
-    p.set_defaults(model="mistral-7b" if torch.cuda.is_available() else "tiny")
+    # the flags of `lorabench run` but --executor (validate runs both) and --jobs (both run in this process)
+    run_arguments(_FlagsExcept(p, {"--executor", "--jobs"}))
+    p.set_defaults(model="mistral-7b" if torch.cuda.is_available() else "tiny", executor="measured", jobs=None)
 
 
 def fidelity(measured: pd.DataFrame, modeled: pd.DataFrame) -> pd.DataFrame:
@@ -83,7 +85,6 @@ def format_table(table: pd.DataFrame) -> str:
 def main(args: argparse.Namespace) -> int:
     from lorabench.experiments.run import config_from_args
 
-    args.executor = "measured"
     config = config_from_args(args)
     workload = config.load_workload()
     out = args.out or default_run_dir(f"validate-{config.workload}", workload.n_loras)

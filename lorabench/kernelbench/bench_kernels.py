@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--m", help="comma-separated token counts (default: the full grid on CUDA, 1,16,64,256 on CPU)")
     p.add_argument("--n", help="comma-separated adapter counts (default: the full grid on CUDA, 1,8,64,512 on CPU)")
     p.add_argument("--d", type=int, default=4096, help="d_in = d_out of the layer (default 4096)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
     p.add_argument("--plan", action="store_true",
                    help="time nothing, no GPU needed: compile every Triton launch of the grid for sm_90 as the GPU "
@@ -196,7 +196,7 @@ def grid_points(config: BenchConfig, desc: str):
     torch.manual_seed(config.seed)
     weights = None
     points = [(m, n) for n in config.grid_n for m in config.grid_m]
-    for m, n in tqdm(points, desc=desc, unit="point"):
+    for m, n in tqdm(points, desc=desc, unit="point", disable=None):  # None: no bar when stderr is no terminal
         if weights is None or weights.n != n:
             weights = None  # free the last set first
             weights = LayerWeights.make(config, n, gen)

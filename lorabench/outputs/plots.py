@@ -26,7 +26,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from lorabench.errors import LorabenchError  # noqa: E402
-from lorabench.outputs.tables import point_dir, read_capacity, read_sweep  # noqa: E402
+from lorabench.outputs.tables import point_dir, read_capacity, read_sweep, require_results  # noqa: E402
 
 SWEEP_KINDS = ("throughput", "relative", "latency", "memory", "cdf")
 KINDS = SWEEP_KINDS + ("compression", "capacity", "replicas")
@@ -411,7 +411,9 @@ def make_chart(kind: str, folder: Path, table: pd.DataFrame | None, point: int |
     if kind == "cdf":
         return plot_cdf(table, folder, point)
     if kind == "capacity":
-        return plot_capacity(read_capacity(folder))
+        capacity = read_capacity(folder)
+        require_results(capacity, folder / "capacity.csv")
+        return plot_capacity(capacity)
     if kind == "replicas":
         return plot_replicas(folder)
     return {"throughput": plot_throughput, "relative": plot_relative, "latency": plot_latency,
@@ -443,6 +445,8 @@ def render(folder: str | Path, kind: str = "all", out: Path | None = None,
         raise LorabenchError(f"--kind {kind!r}: choose one of {', '.join(KINDS)}, all")
     kinds = available_kinds(folder) if kind == "all" else (kind,)
     table = read_sweep(folder)[0] if set(kinds) & set(SWEEP_KINDS) else None
+    if table is not None:
+        require_results(table, folder / "sweep.csv")
     if kind == "all":
         out_dir = Path(out) if out else folder / "charts"
         stems = {k: out_dir / k for k in kinds}

@@ -1,13 +1,22 @@
 """Result files and run folders, written atomically: everything goes into a hidden temporary sibling
-that is renamed into place at the end, so a run never leaves a half-written result behind."""
+that is renamed into place at the end, so a run never leaves a half-written result behind.
+
+A folder being written is locked (`writer_lock`: an flock on a hidden sibling `.NAME.lock` that holds
+the writer's pid; the kernel frees it when the writer dies, even by kill -9), so a second writer into
+the same place is refused and temporary folders left by a killed writer are recognised as stale and
+removed by the next one. Folders and files are created with the permissions the umask gives (as
+`mkdir` and `open` do), so results on a shared filesystem stay readable by others.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,6 +24,11 @@ import numpy as np
 import pandas as pd
 
 from lorabench.errors import LorabenchError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: folders are written unlocked
+    fcntl = None
 
 
 def default_run_dir(workload: str, n_loras: int, root: str | Path = "results") -> Path:
@@ -28,31 +42,155 @@ def default_run_dir(workload: str, n_loras: int, root: str | Path = "results") -
     return path
 
 
+def _lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.lock"
+
+
+# A temporary sibling of NAME: .NAME.<token>.tmp (the token has no dots; older versions made it with mkdtemp)
+_TMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]+\.tmp")
+
+
+@contextlib.contextmanager
+def writer_lock(target: str | Path, flag: str = "--out"):
+    """Hold the writer's lock of `target` (a folder or file, existing or not) for the block: one clear
+    error when another live process holds it; the lock file is removed when the block ends."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(_lock_path(target), target, flag)
+    except OSError as err:
+        raise LorabenchError(f"{flag} {target}: cannot write there ({err.strerror or err})") from None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(_lock_path(target))  # still ours: we hold it
+            os.close(fd)
+
+
+def _acquire(path: Path, target: Path, flag: str) -> int | None:
+    if fcntl is None:  # pragma: no cover
+        return None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LorabenchError(f"{flag} {target}: another lorabench process (pid {pid}) is writing it; wait for "
+                                 "it to finish or stop it") from None
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            os.close(fd)  # a filesystem without locks (some NFS setups): written unlocked, as before
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file its last holder unlinked between our open and our lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def _abandoned(lock: Path) -> bool:
+    """Whether no live process holds the writer's lock file `lock` (absent, or free)."""
+    if fcntl is None:  # pragma: no cover
+        return False
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except OSError:  # held (or a filesystem without locks: then nothing is known to be stale)
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(final: Path) -> None:
+    """Remove the temporary folders a killed writer left beside `final`: those of `final` itself (the
+    caller holds its lock), and those of other names whose writer's lock file is there but free."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(final.parent):
+            found = _TMP.fullmatch(entry.name)
+            if not found or not entry.is_dir(follow_symlinks=False):
+                continue
+            name = found["name"]
+            lock = final.parent / f".{name}.lock"
+            if name == final.name or (lock.exists() and _abandoned(lock)):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                if name != final.name and _abandoned(lock):
+                    with contextlib.suppress(OSError):
+                        lock.unlink()
+
+
+def remove_temporaries_under(folder: Path) -> None:
+    """Remove every temporary file and folder (.NAME.<token>.tmp) under `folder`: what writers killed
+    mid-write left. Only for a folder whose writer's lock the caller holds."""
+    for path in sorted(Path(folder).rglob(".*.tmp"), reverse=True):  # deepest first
+        if _TMP.fullmatch(path.name):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
+def _make_temporary(final: Path, directory: bool) -> tuple[Path, int | None]:
+    """A new hidden sibling of `final` (.NAME.<token>.tmp), created with the umask's permissions; for a
+    file, its open descriptor."""
+    while True:
+        path = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            if directory:
+                os.mkdir(path, 0o777)
+                return path, None
+            return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path):
     """Yield a temporary folder beside `final`; rename it to `final` when the block succeeds."""
     final = Path(final)
     if final.exists():
         raise LorabenchError(f"--out {final}: already exists; choose a new folder")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writer_lock(final):
+        if final.exists():  # written by the process that held the lock before us
+            raise LorabenchError(f"--out {final}: already exists; choose a new folder")
+        remove_stale_temporaries(final)
+        try:
+            tmp, _ = _make_temporary(final, directory=True)
+        except OSError as err:
+            raise LorabenchError(f"--out {final}: cannot write there ({err.strerror or err})") from None
+        try:
+            yield tmp
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp, fd = _make_temporary(path, directory=False)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

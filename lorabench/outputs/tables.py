@@ -64,3 +64,30 @@ def read_capacity(folder: str | Path) -> pd.DataFrame:
     if not path.exists():
         raise LorabenchError(f"{folder}: no capacity.csv, not a folder of `lorabench capacity`")
     return read_table(path, CAPACITY_COLUMNS)
+
+
+def format_number(value: float) -> str:
+    """A table figure as `lorabench run` prints it: 3 significant digits below 10, else a whole
+    number with thousands separators (0.896, 36, 6,313)."""
+    return f"{value:,.3g}" if abs(value) < 10 else f"{value:,.0f}"
+
+
+def why_nothing_ran(table: pd.DataFrame) -> str:
+    """One line for a table (summary, sweep or capacity) in which no row has status "ok": the first
+    reason, with the strategies it stopped, and which others could not run either."""
+    reasons = list(dict.fromkeys(table["status"].astype(str)))
+    first = table[table["status"].astype(str) == reasons[0]]
+    stopped = list(dict.fromkeys(first["strategy"]))
+    others = [s for s in dict.fromkeys(table["strategy"]) if s not in stopped]
+    line = f"{', '.join(stopped)}: {reasons[0]}" if others or len(reasons) > 1 else reasons[0]
+    if others:
+        line += f" ({', '.join(others)} could not run either)"
+    elif len(reasons) > 1:
+        line += " (and other reasons elsewhere: see the status column)"
+    return line
+
+
+def require_results(table: pd.DataFrame, path: Path) -> None:
+    """Refuse to chart or report a table whose every row failed (one line saying why)."""
+    if not (table["status"] == "ok").any():
+        raise LorabenchError(f"{path}: nothing to show, no strategy ran: {why_nothing_ran(table)}")

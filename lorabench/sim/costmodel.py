@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +69,11 @@ def _replace_fields(obj, values: dict, where: str):
         raise LorabenchError(
             f"{where}: unknown field(s) {', '.join(unknown)}; expected among {', '.join(sorted(names))}")
     for key, value in values.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise LorabenchError(f"{where}: field {key} must be a non-negative number, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise LorabenchError(f"{where}: field {key} must be a finite number >= 0, got {value!r}")
+        # rates, sizes, fractions and scales divide or multiply every time: only fixed costs and counts may be 0
+        if value == 0 and not (key.endswith("_s") or key == "elementwise_kernels"):
+            raise LorabenchError(f"{where}: field {key} must be > 0, got {value!r}")
     return dataclasses.replace(obj, **values)
 
 
@@ -83,6 +87,11 @@ def find_profile(device: str, model: str) -> Path | None:
     return next((d / name for d in PROFILE_DIRS if (d / name).is_file()), None)
 
 
+# The top-level sections a profile JSON may hold (fidelity/calibration.py writes the last three); any
+# other key is a typo that would otherwise be ignored.
+PROFILE_SECTIONS = ("device", "efficiency", "efficiency_by_strategy", "points", "meta")
+
+
 def load_profile(path: str | Path) -> dict:
     """A profile JSON: {"device": {DeviceSpec fields}, "efficiency": {Efficiency fields}}, both optional."""
     path = Path(path)
@@ -94,6 +103,10 @@ def load_profile(path: str | Path) -> dict:
         raise LorabenchError(f"profile {path}: not readable JSON ({err})") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k, {}), dict) for k in ("device", "efficiency")):
         raise LorabenchError(f"profile {path}: expected an object with optional objects device and efficiency")
+    unknown = sorted(set(data) - set(PROFILE_SECTIONS))
+    if unknown:
+        raise LorabenchError(f"profile {path}: unknown section(s) {', '.join(map(repr, unknown))}; expected among "
+                             f"{', '.join(PROFILE_SECTIONS)}")
     return {"source": str(path), **data}
 
 
