@@ -83,6 +83,16 @@ class ModelShape:
         return self.layers * sum(rank * (d_in + d_out) for d_in, d_out in map(self.module_shape, modules))
 
 
+def target_modules(spec: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """'all-linear', a comma-separated string, or a sequence of module names -> a checked tuple."""
+    if isinstance(spec, str):
+        spec = ALL_LINEAR if spec == "all-linear" else tuple(m.strip() for m in spec.split(",") if m.strip())
+    bad = [m for m in spec if m not in ALL_LINEAR]
+    if bad or not spec:
+        raise LorabenchError(f"target modules {list(spec)}: expected 'all-linear' or names from {', '.join(ALL_LINEAR)}")
+    return tuple(spec)
+
+
 MODELS: dict[str, ModelShape] = {
     m.name: m
     for m in (

@@ -102,7 +102,7 @@ def test_missing_folders_and_ambiguous_models_are_named(tmp_path):
     with pytest.raises(LorabenchError, match=r"no compute/l40s/ folder \(devices there: a100, h100\)"):
         vidur.compute_path(root, "l40s")
     shutil.copytree(root / "compute/h100/meta-llama/Llama-2-7b-hf", root / "compute/h100/org/other")
-    with pytest.raises(LorabenchError, match=r"several models: meta-llama/Llama-2-7b-hf, org/other; choose one with --model"):
+    with pytest.raises(LorabenchError, match=r"several models: meta-llama/Llama-2-7b-hf, org/other; choose one with"):
         vidur.compute_path(root, "h100")
     assert vidur.compute_path(root, "h100", "org/other") == root / "compute/h100/org/other/mlp.csv"
     (root / "network/h100_dgx/all_reduce.csv").write_text("size,num_workers\n1,2\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from lorabench.errors import LorabenchError
-from lorabench.experiments.runner import EXECUTORS, KV_POLICIES, Experiment, RunConfig, run_experiment
+from lorabench.experiments.runner import EXECUTORS, KV_POLICIES, Experiment, RunConfig, check_parallel, run_experiment
 from lorabench.outputs.results import default_run_dir
 from lorabench.parallel import KV_CACHE_DTYPES, WEIGHT_DTYPES
 from lorabench.presets import DEVICES, MODEL_HELP
@@ -177,6 +177,7 @@ def main(args: argparse.Namespace) -> int:
                 msg = flag + msg[len(field):]
                 break
         raise LorabenchError(msg) from None
+    check_parallel(config)
     workload = config.load_workload()
     out = args.out or default_run_dir(config.workload, workload.n_loras)
     if out.exists():
@@ -242,7 +243,8 @@ def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
     paragraphs = [
         f"{kind}: {first['model']} on {gpus}, {int(first['requests'])} requests of workload "
         f"{first['workload']} over {int(first['n_loras'])} adapters, the same stream for every strategy.",
-        f"Every strategy had the same GPU budget for adapters + KV cache: {plan.budget / 2**30:.1f} GiB{' per GPU' if config.tp > 1 else ''} "
+        f"Every strategy had the same GPU budget for adapters + KV cache: {plan.budget / 2**30:.1f} GiB"
+        f"{' per GPU' if config.tp > 1 else ''} "
         f"({config.gpu_memory_utilization:g} x device memory - {plan.weights / 2**30:.1f} GiB of weights). "
         f"per-lora got {plan.slots} adapter slots (= distinct adapters per batch), {slots}; compressed shares "
         f"rank-{ad.compressed_rank} bases over {ad.clusters} cluster(s).",

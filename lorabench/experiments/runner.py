@@ -191,6 +191,16 @@ def _resolve_device(config: RunConfig) -> DeviceSpec:
     return device
 
 
+def check_parallel(config: RunConfig) -> tuple[ModelShape, DeviceSpec]:
+    """The run's model and device, after one clear error if the model cannot be split `tp` ways,
+    the device lacks what the formats or the link need, or the weights alone fill each GPU."""
+    model, device = model_preset(config.model), _resolve_device(config)
+    shard(model, config.tp)
+    config.parallel.check_device(device)
+    check_fits(model, config.parallel, device, config.gpu_memory_utilization)
+    return model, device
+
+
 class StrategyUnavailable(RuntimeError):
     """The strategy cannot serve this experiment (its message is the summary's status)."""
 
@@ -217,11 +227,7 @@ class Experiment:
                 f"max_num_batched_tokens ({config.max_num_batched_tokens}) is below the longest prompt of workload "
                 f"{workload.source} ({longest} tokens): raise it or enable chunked prefill"
             )
-        model, device = model_preset(config.model), _resolve_device(config)
-        parallel = config.parallel
-        shard(model, parallel.tp)  # one clear error when the model does not split that way
-        parallel.check_device(device)
-        check_fits(model, parallel, device, config.gpu_memory_utilization)
+        model, device = check_parallel(config)
         return cls(config, workload, requests, model, device, workload.adapter_ranks(), workload.adapter_clusters())
 
     def strategy(self, name: str) -> Strategy:

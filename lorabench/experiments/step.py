@@ -19,9 +19,9 @@ import pandas as pd
 
 from lorabench.errors import LorabenchError
 from lorabench.experiments.run import found_profile, rank_list
-from lorabench.experiments.runner import RunConfig, _resolve_device
-from lorabench.parallel import KV_CACHE_DTYPES, WEIGHT_DTYPES, check_fits
-from lorabench.presets import ALL_LINEAR, DEFAULT_TARGET_MODULES, DEVICES, MODEL_HELP, model_preset
+from lorabench.experiments.runner import RunConfig, check_parallel
+from lorabench.parallel import KV_CACHE_DTYPES, WEIGHT_DTYPES
+from lorabench.presets import DEFAULT_TARGET_MODULES, DEVICES, MODEL_HELP, target_modules
 from lorabench.sim.costmodel import LoraSetup, make_executor
 from lorabench.sim.executor import Step
 from lorabench.strategies import parse_strategies
@@ -48,22 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", help="profile JSON (default: the one `lorabench run` would use); none = the preset")
 
 
-def modules_of(text: str) -> tuple[str, ...]:
-    modules = ALL_LINEAR if text.strip() == "all-linear" else tuple(m.strip() for m in text.split(",") if m.strip())
-    bad = [m for m in modules if m not in ALL_LINEAR]
-    if bad or not modules:
-        raise LorabenchError(f"--target-modules: unknown {', '.join(bad) or '(empty)'}; choose among "
-                             f"{', '.join(ALL_LINEAR)} or all-linear")
-    return modules
-
-
 def step_table(config: RunConfig, batch: int, context: int, prefill: int, ranks: tuple[int, ...],
                distinct: int, modules: tuple[str, ...], compressed_rank: int) -> pd.DataFrame:
     """Milliseconds of each part of the step (rows) per strategy (columns), with the total and the
     decode tokens per second."""
-    model, device = model_preset(config.model), _resolve_device(config)
-    config.parallel.check_device(device)
-    check_fits(model, config.parallel, device, config.gpu_memory_utilization)
+    model, device = check_parallel(config)
     rows = batch + (1 if prefill else 0)
     tokens = np.array([1] * batch + ([prefill] if prefill else []), dtype=np.int64)
     contexts = np.array([context] * batch + ([prefill] if prefill else []), dtype=np.int64)
@@ -95,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
                        strategies=parse_strategies(args.strategy))
     distinct = args.distinct or args.batch + (1 if args.prefill else 0)
     table = step_table(config, args.batch, args.context, args.prefill, args.rank, distinct,
-                       modules_of(args.target_modules), args.compressed_rank)
+                       target_modules(args.target_modules), args.compressed_rank)
     gpus = f"{args.tp} x {args.device} (tensor parallel)" if args.tp > 1 else f"one {args.device}"
     chunk = f" + a {args.prefill:,}-token prefill chunk" if args.prefill else ""
     print(f"lorabench step: {args.model} on {gpus}, {args.weight_dtype} weights, KV cache {args.kv_cache_dtype}; "

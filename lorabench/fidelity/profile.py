@@ -199,7 +199,8 @@ def from_vidur(args: argparse.Namespace) -> int:
           f"and the layer {vidur.percent(checks['op']['layer mape'])}")
     if "link" in meta:
         dev = profile["device"]
-        print(f"all-reduce: {dev['link_latency_s'] * 1e6:.1f} us + 2 (n - 1) / n x bytes / {dev['link_bandwidth'] / 1e9:.0f} GB/s "
-              f"({meta['link']['rows']} rows over {meta['link']['gpus']} GPUs, error {vidur.percent(meta['link']['mape'])})")
+        print(f"all-reduce: {dev['link_latency_s'] * 1e6:.1f} us + 2 (n - 1) / n x bytes / "
+              f"{dev['link_bandwidth'] / 1e9:.0f} GB/s ({meta['link']['rows']} rows over {meta['link']['gpus']} GPUs, "
+              f"error {vidur.percent(meta['link']['mape'])})")
     print(f"wrote {out}")
     return 0

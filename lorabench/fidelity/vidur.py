@@ -117,7 +117,11 @@ def read_compute(path: str | Path, name: str | None = None) -> ComputeTable:
     if len(shape.drop_duplicates()) != 1:
         raise LorabenchError(f"{path}: the model shape ({', '.join(SHAPE_COLUMNS)}) differs between rows")
     heads, kv_heads, hidden, intermediate, vocab = (int(v) for v in shape.iloc[0])
-    model = ModelShape(name or str(path.parent.name), hidden=hidden, layers=1, heads=heads, kv_heads=kv_heads,
+    if name is None:  # the model folder as Vidur names it: compute/<device>/<org>/<model>/mlp.csv -> <org>/<model>
+        parts = path.parent.parts
+        compute = max((i for i, part in enumerate(parts) if part == "compute"), default=None)
+        name = "/".join(parts[compute + 2:]) if compute is not None and compute + 2 < len(parts) else path.parent.name
+    model = ModelShape(name, hidden=hidden, layers=1, heads=heads, kv_heads=kv_heads,
                        intermediate=intermediate, vocab=vocab)
     rows = pd.DataFrame({"tp": where["num_tensor_parallel_workers"].astype(int),
                          "num_tokens": where["num_tokens"].astype(int)})

@@ -161,11 +161,12 @@ def fit_profile(root, device: DeviceSpec, model: str | None = None, fit_tp: tupl
     comparison = vidur.compare(table, device, physics=kernels)
     profile = {"device": {}, "kernels": {k: list(v) if isinstance(v, tuple) else v
                                          for k, v in dataclasses.asdict(kernels).items()}}
+    sizes = "every tensor-parallel size" if fit_tp is None else "tp " + ", ".join(map(str, fit_tp))
     meta = {
         "source": f"Vidur-format measurements in {root}",
         "compute": str(table.source), "model": table.model.name, "device": device.name,
-        "fitted_on": f"{int(fit_rows.sum())} rows ({'every tensor-parallel size' if fit_tp is None else 'tp ' + ', '.join(map(str, fit_tp))}; "
-                     f"{table.rows['num_tokens'].min()}-{table.rows['num_tokens'].max()} tokens)",
+        "fitted_on": f"{int(fit_rows.sum())} rows ({sizes}; {table.rows['num_tokens'].min()}-"
+                     f"{table.rows['num_tokens'].max()} tokens)",
         "held_out": "none" if fit_rows.all() else f"{int((~fit_rows).sum())} rows of the other tensor-parallel sizes",
         "fidelity": _summary(comparison),
         "cross_checks": checks,

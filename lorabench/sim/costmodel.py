@@ -28,8 +28,10 @@ fields a profile JSON names ({"device": {...}, "efficiency": {...}}) and keeps t
 
 Kernel physics: a profile with a "kernels" object (`lorabench profile --from-vidur`; the shipped
 h100 and a100 profiles) replaces the base model's roofline by `physics.py`: GEMMs in waves of tiles
-over the SMs, elementwise kernels by their real bytes. Without one (the h200 preset, whose
-efficiencies were calibrated on measured H200 figures with this roofline) nothing changes.
+over the SMs, elementwise kernels by their real bytes. Attention and LoRA stay on the roofline, with
+the fitted fractions of the datasheet peaks as the ceilings `Efficiency` applies to (as the h200's
+are measured ceilings). Without one (the h200 preset, whose efficiencies were calibrated on measured
+H200 figures with this roofline) nothing changes.
 
 Tensor parallelism (`Parallel`, lorabench/parallel.py): every kernel is one GPU's slice (sharded
 GEMMs and LoRA, its attention heads and KV bytes), plus two all-reduces per layer and the logits'
@@ -188,11 +190,18 @@ class ModeledExecutor:
         self.shard = sh = shard(model, self.parallel.tp)  # what one GPU computes
         self.physics = physics  # None: the base model on the plain roofline
         self._kernel_s = device.launch_overhead_s  # fixed cost of one base-model kernel
-        self._flops_rate = device.bf16_flops * self.eff.gemm_flops
-        self._fp8_flops_rate = device.fp8_flops * self.eff.gemm_flops
-        self._byte_rate = device.mem_bandwidth * self.eff.memory
-        self._attention_flops_rate = device.bf16_flops * self.eff.attention_flops
-        self._attention_byte_rate = device.mem_bandwidth * self.eff.attention_memory
+        # The ceilings Efficiency's fractions apply to: measured ones (the h200 preset's matmul and copy
+        # figures, on which they were calibrated), or with kernel physics the datasheet peaks times the
+        # fractions its fit found (attention and LoRA kernels run on these).
+        flops, fp8_flops, bandwidth = device.bf16_flops, device.fp8_flops, device.mem_bandwidth
+        if physics is not None:
+            flops, fp8_flops = flops * physics.gemm_flops, fp8_flops * physics.gemm_flops
+            bandwidth *= physics.gemm_memory
+        self._flops_rate = flops * self.eff.gemm_flops
+        self._fp8_flops_rate = fp8_flops * self.eff.gemm_flops
+        self._byte_rate = bandwidth * self.eff.memory
+        self._attention_flops_rate = flops * self.eff.attention_flops
+        self._attention_byte_rate = bandwidth * self.eff.attention_memory
         h, kv, inter = model.hidden, sh.kv_dim, sh.intermediate
         # Base GEMMs of one layer as (d_in, d_out), fused as serving engines run them (one GPU's slices).
         self._gemms = ((h, sh.q_dim + 2 * kv), (sh.q_dim, h), (h, 2 * inter), (inter, h))
