@@ -61,6 +61,7 @@ def test_a_decode_step_pays_two_all_reduces_per_layer_and_the_logits_gather():
     batch = 6
     step = Step("single", np.ones(batch, dtype=np.int64), np.full(batch, 100), np.zeros(batch, dtype=np.int64),
                 np.zeros(batch, dtype=bool), 1)
+    assert shard(TINY, 2).all_reduce_bytes(batch) == batch * 64 * 2 and shard(TINY, 1).all_reduce_bytes(batch) == 0
     for tp in (2, 4):
         parts = ModeledExecutor(TINY, device, lora, parallel=Parallel(tp)).breakdown(step)
         all_reduce = device.link_latency_s + 2 * (tp - 1) / tp * (batch * 64 * 2) / device.link_bandwidth
