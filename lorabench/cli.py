@@ -30,6 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("lorabench.experiments.run", "serve a workload with every strategy and compare it with single-LoRA serving"),
     "profile": ("lorabench.fidelity.profile", "measure the real decoder's step times on this device and calibrate the cost model"),
     "validate": ("lorabench.fidelity.validate", "run measured and modeled executors on one request stream; print their relative errors"),
+    "fidelity": ("lorabench.fidelity.vidur_table", "the cost model's per-layer error against Vidur-format per-operation measurements"),
+    "step": ("lorabench.experiments.step", "the modeled time of one serving step and its breakdown (weights, attention, LoRA, "
+             "communication, overheads)"),
     "compare": ("lorabench.outputs.compare", "put a `vllm bench serve` result JSON beside a lorabench run of the same settings"),
     "sweep": ("lorabench.experiments.sweep", "run every strategy over a grid of adapter counts (resumable) -> DIR/sweep.csv"),
     "capacity": ("lorabench.experiments.capacity", "the highest request rate each strategy sustains within the SLOs, per adapter "

@@ -4,9 +4,13 @@ Model shapes are those of the public checkpoints (weights are always random: not
 `--model path/to/config.json` (or a checkpoint folder holding one) reads a Hugging Face config of a
 Llama, Mistral or Qwen2 model instead (`shape_from_hf_config`).
 Device figures: the h200 preset is measured (../shared/anchors.md, 2026-11-29: copy bandwidth,
-bf16 matmul rate, pinned host->device copy); the others are datasheet peaks times the fraction a
-tuned kernel usually reaches (70% of matmul peak, 90% of memory bandwidth), to be replaced by a
-measured profile (`lorabench profile`) where one exists.
+bf16 matmul rate, pinned host->device copy). h100, a100, l40s and b200 hold datasheet peaks: the cost
+model's efficiency factors (`Efficiency`, or a fitted profile's kernel physics) are the only discount
+applied to them. h100 and a100 have profiles fitted to Vidur's per-operation measurements
+(results/profiles/<device>-vidur.json, `lorabench profile --from-vidur`), which `lorabench run` uses by
+default; their all-reduce figures are fitted to Vidur's NCCL measurements. h100-64gb keeps the
+figures it was introduced with (datasheet x 0.7 / 0.9; the vLLM engine model is calibrated on them).
+Each preset says where every figure comes from.
 """
 
 from __future__ import annotations
@@ -77,6 +81,16 @@ class ModelShape:
     def lora_params(self, rank: int, modules: tuple[str, ...] = DEFAULT_TARGET_MODULES) -> int:
         """Parameters of one rank-`rank` adapter on `modules` of every layer (A and B)."""
         return self.layers * sum(rank * (d_in + d_out) for d_in, d_out in map(self.module_shape, modules))
+
+
+def target_modules(spec: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """'all-linear', a comma-separated string, or a sequence of module names -> a checked tuple."""
+    if isinstance(spec, str):
+        spec = ALL_LINEAR if spec == "all-linear" else tuple(m.strip() for m in spec.split(",") if m.strip())
+    bad = [m for m in spec if m not in ALL_LINEAR]
+    if bad or not spec:
+        raise LorabenchError(f"target modules {list(spec)}: expected 'all-linear' or names from {', '.join(ALL_LINEAR)}")
+    return tuple(spec)
 
 
 MODELS: dict[str, ModelShape] = {
@@ -180,7 +194,12 @@ def is_config_path(name: str) -> bool:
 
 @dataclass(frozen=True)
 class DeviceSpec:
-    """What the roofline needs of a GPU. Rates in FLOP/s and bytes/s, sizes in bytes."""
+    """What the cost model needs of a GPU. Rates in FLOP/s and bytes/s, sizes in bytes.
+
+    The fields after `launch_overhead_s` feed the kernel physics (lorabench.sim.kernels: GEMM tiles
+    in waves over the SMs) and tensor parallelism (all-reduces over the GPUs' link); their defaults
+    keep a device without them on the plain roofline, with no FP8 and no tensor parallelism.
+    """
 
     name: str
     bf16_flops: float  # dense bf16 matmul rate
@@ -192,10 +211,26 @@ class DeviceSpec:
     # per-kernel term for base-model kernels (lorabench.sim.costmodel).
     launch_overhead_s: float = 5e-6
     measured: bool = False  # True when the figures come from a run on the device
+    sm_count: int = 0  # streaming multiprocessors: a GEMM's output tiles run in waves of this many
+    # Output tiles (rows x columns) of the GEMM library's main kernels on this architecture; a fitted
+    # profile picks the one that explains the measured steps best (the first is the default).
+    gemm_tiles: tuple[tuple[int, int], ...] = ((128, 128),)
+    fp8_flops: float = 0.0  # dense FP8 matmul rate; 0 = no FP8 tensor cores
+    link_latency_s: float = 0.0  # one all-reduce among the GPUs of a node: fixed cost
+    link_bandwidth: float = 0.0  # and its bus bandwidth (NCCL's busbw), bytes/s; 0 = no GPU-to-GPU figures
+    interconnect: str = ""  # what links the GPUs, in words
 
 
 GB = 1e9
 GIB = 2**30
+
+# All-reduce among the GPUs of one node (latency + 2 (n - 1) / n x bytes / bus bandwidth), fitted by
+# `lorabench profile --from-vidur` to Vidur's NCCL measurements (results/profiles/vidur-llama-2-7b/
+# network/*/all_reduce.csv: 2, 4 and 8 GPUs of a DGX, 2 KB - 64 MB; about 10% mean error).
+DGX_H100_LINK = dict(link_latency_s=29.7e-6, link_bandwidth=353 * GB, interconnect="NVLink 4 + NVSwitch")
+DGX_A100_LINK = dict(link_latency_s=46.8e-6, link_bandwidth=168 * GB, interconnect="NVLink 3 + NVSwitch")
+HOPPER_TILES = ((128, 256), (128, 128), (256, 128))  # cuBLAS sm90 kernels (warpgroup MMA)
+AMPERE_TILES = ((128, 128), (128, 256), (256, 128))  # cuBLAS sm80 / sm89 kernels (mma.sync)
 
 DEVICES: dict[str, DeviceSpec] = {
     d.name: d
@@ -204,15 +239,37 @@ DEVICES: dict[str, DeviceSpec] = {
         # 55.5 GB/s pinned h2d; 139 GiB visible to CUDA. Copy latency: a 27.3 MB adapter as 256
         # pinned tensors took 2.0 ms, packed in one buffer 0.50 ms: (2.0 - 0.5) / 255 = 5.9 us per copy.
         # Kernel cost: fitted to the decoder-layer times there (163.7 us at batch 1, ~10 kernels).
-        DeviceSpec("h200", 694e12, 4249 * GB, 55.5 * GB, 139 * GIB, copy_latency_s=5.9e-6, measured=True),
-        DeviceSpec("h100", 989e12 * 0.7, 3350 * GB * 0.9, 50 * GB, 80 * GIB),
+        # Datasheet: 132 SMs; FP8 at twice the bf16 rate (1,979 vs 989 TFLOP/s dense), applied to the
+        # measured bf16 figure. Link: the same NVLink 4 + NVSwitch as a DGX H100 (assumed, not measured).
+        DeviceSpec("h200", 694e12, 4249 * GB, 55.5 * GB, 139 * GIB, copy_latency_s=5.9e-6, measured=True,
+                   sm_count=132, gemm_tiles=HOPPER_TILES, fp8_flops=2 * 694e12, **DGX_H100_LINK),
+        # H100 SXM 80 GB datasheet: 989 TFLOP/s dense bf16, 1,979 dense FP8, 3.35 TB/s HBM3, 132 SMs,
+        # PCIe Gen5 (50 GB/s pinned assumed). Kernel physics: results/profiles/h100-vidur.json.
+        DeviceSpec("h100", 989e12, 3350 * GB, 50 * GB, 80 * GIB, sm_count=132, gemm_tiles=HOPPER_TILES,
+                   fp8_flops=1979e12, **DGX_H100_LINK),
         # The H100 SXM 64 GB of the vLLM runs in ../shared/data (MareNostrum 5; 63.43 GiB visible to torch,
-        # from their logs). Datasheet: 989 TFLOP/s dense bf16 (x 0.7, as h100); its HBM2e bandwidth is not
+        # from their logs). Datasheet: 989 TFLOP/s dense bf16 (x 0.7, as h100 had); its HBM2e bandwidth is not
         # published for this variant: 0.9 x 2.0 TB/s is assumed (four HBM2e stacks, as the H100 PCIe's),
-        # to be replaced by a calibrated figure (`lorabench calibrate`, results/engines/).
-        DeviceSpec("h100-64gb", 989e12 * 0.7, 2000 * GB * 0.9, 50 * GB, int(63.43 * GIB)),
-        DeviceSpec("a100", 312e12 * 0.8, 2039 * GB * 0.9, 24 * GB, 80 * GIB),
-        DeviceSpec("l40s", 362e12 * 0.7, 864 * GB * 0.9, 24 * GB, 48 * GIB),
+        # to be replaced by a calibrated figure (`lorabench calibrate`, results/engines/). The figures stay
+        # as they were (the vLLM engine model is fitted on them); SMs, tiles and link as h100.
+        DeviceSpec("h100-64gb", 989e12 * 0.7, 2000 * GB * 0.9, 50 * GB, int(63.43 * GIB), sm_count=132,
+                   gemm_tiles=HOPPER_TILES, fp8_flops=1979e12 * 0.7, **DGX_H100_LINK),
+        # A100 SXM 80 GB datasheet: 312 TFLOP/s dense bf16, 2,039 GB/s HBM2e, 108 SMs, no FP8 tensor
+        # cores, PCIe Gen4 (24 GB/s pinned assumed). Kernel physics: results/profiles/a100-vidur.json.
+        DeviceSpec("a100", 312e12, 2039 * GB, 24 * GB, 80 * GIB, sm_count=108, gemm_tiles=AMPERE_TILES,
+                   **DGX_A100_LINK),
+        # L40S datasheet (unmeasured): 362 TFLOP/s dense bf16, 733 dense FP8, 864 GB/s GDDR6, 142 SMs,
+        # 48 GB, PCIe Gen4 and no NVLink: all-reduces cross PCIe (20 GB/s bus bandwidth and 30 us
+        # assumed, as NCCL reaches over PCIe Gen4 without NVLink).
+        DeviceSpec("l40s", 362e12, 864 * GB, 24 * GB, 48 * GIB, sm_count=142, gemm_tiles=AMPERE_TILES,
+                   fp8_flops=733e12, link_latency_s=30e-6, link_bandwidth=20 * GB, interconnect="PCIe Gen4"),
+        # B200 (HGX B200) datasheet, unmeasured: 2.25 PFLOP/s dense bf16, 4.5 dense FP8, 8 TB/s HBM3e,
+        # 180 GB, 148 SMs, NVLink 5 (twice NVLink 4's bandwidth: the DGX H100 fit's bus bandwidth x 2,
+        # its latency kept; assumed), PCIe Gen5 (as the H200's measured 55.5 GB/s). Tiles as Hopper's
+        # (assumed: Blackwell's tcgen05 kernels pair SMs, which this model does not describe).
+        DeviceSpec("b200", 2250e12, 8000 * GB, 55.5 * GB, 180 * GIB, sm_count=148, gemm_tiles=HOPPER_TILES,
+                   fp8_flops=4500e12, link_latency_s=DGX_H100_LINK["link_latency_s"],
+                   link_bandwidth=2 * DGX_H100_LINK["link_bandwidth"], interconnect="NVLink 5 + NVSwitch"),
     )
 }
 

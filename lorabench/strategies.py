@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lorabench.errors import LorabenchError
+from lorabench.parallel import shard
 from lorabench.presets import ModelShape
 
 STRATEGIES = ("single", "per-lora", "paged", "compressed")
@@ -62,12 +63,14 @@ class Strategy:
 
 def build_strategy(
     name: str, model: ModelShape, ranks: np.ndarray, target_modules: tuple[str, ...],
-    compressed_rank: int, clusters: int, dtype_bytes: int = 2, packed: bool = False,
+    compressed_rank: int, clusters: int, dtype_bytes: int = 2, packed: bool = False, tp: int = 1,
 ) -> Strategy:
     """The strategy `name` for adapters of the given ranks (one per adapter) on `target_modules`.
     `packed`: each adapter sits in one contiguous host buffer, so a load is one copy instead of one
-    per tensor (serving engines copy tensor by tensor)."""
-    shapes = [model.module_shape(m) for m in target_modules]
+    per tensor (serving engines copy tensor by tensor). Sizes are one GPU's of a `tp`-way group: its
+    slice of each A and B as vLLM shards them (lorabench/parallel.py), copied to every GPU at once."""
+    # (d_in of A, d_out of B) of every module's LoRA on one GPU
+    shapes = [shard(model, tp).lora_elements(m) for m in target_modules]
     tensors = 1 if packed else 2 * len(target_modules) * model.layers  # A and B of every module and layer
     # Bytes of a rank-1 slice of one adapter over all its modules and layers: A row + B column.
     rank1 = model.layers * sum(d_in + d_out for d_in, d_out in shapes) * dtype_bytes
@@ -78,10 +81,11 @@ def build_strategy(
         padded = np.full_like(exact, int(ranks.max()) * rank1)  # every slot sized for max_lora_rank
         return Strategy(name, padded, exact, tensors, 0, prefetch=False, shared_pool=False)
     if name == "paged":
-        # A page is one hidden-size vector; a rank-r adapter takes r pages per A and per B of a module
-        # (a d-wide row of a non-square module takes ceil(d / hidden) pages).
-        page = model.hidden * dtype_bytes
-        pages_rank1 = model.layers * sum(-(-d_in // model.hidden) + -(-d_out // model.hidden) for d_in, d_out in shapes)
+        # A page is one hidden-size vector (one GPU's 1 / tp of it); a rank-r adapter takes r pages per A
+        # and per B of a module (a d-wide row of a non-square module takes ceil(d / page) pages).
+        width = -(-model.hidden // tp)
+        page = width * dtype_bytes
+        pages_rank1 = model.layers * sum(-(-d_in // width) + -(-d_out // width) for d_in, d_out in shapes)
         pages = ranks.astype(np.int64) * pages_rank1
         return Strategy(name, pages * page, exact, tensors, 0, prefetch=True, shared_pool=True)
     if name == "compressed":

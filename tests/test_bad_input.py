@@ -89,17 +89,17 @@ CASES = [
     ("lora_alpha 0", ["adapters", "info", "{d}/adapters-alpha"], 2, ["adapter_0001", "lora_alpha", "> 0"]),
     # 2. nothing can run
     ("weights do not fit", RUN + ["--model", "llama-13b", "--device", "l40s", "--gpu-memory-utilization", "0.5",
-                                  "--out", "{d}/out-fit"], 2, ["no strategy could run", "base weights", "do not fit"]),
+                                  "--out", "{d}/out-fit"], 2, ["llama-13b does not fit l40s", "would fit with --tp 2"]),
     ("longer than the context", RUN + ["--workload", "{d}/endless-output.toml", "--out", "{d}/out-ctx"], 2,
      ["exceed", "32,768-token context", "mistral-7b", "1,000,000,000,000 output"]),
     ("never admitted", RUN + ["--workload", "{d}/long-prompts.toml", "--chunked-prefill", "--gpu-memory-utilization",
                               "0.12", "--out", "{d}/out-kv"], 2, ["no strategy could run", "can never be admitted"]),
     ("sweep of nothing", ["sweep", "--n-loras", "1,2", "--requests", "20", "--device", "l40s",
                           "--gpu-memory-utilization", "0.1", "--no-progress", "--out", "{d}/sweep-none"], 2,
-     ["no strategy ran at any point", "do not fit"]),
+     ["no strategy ran at any point", "does not fit l40s"]),
     ("capacity of nothing", ["capacity", "--n-loras", "1", "--requests", "20", "--device", "l40s",
                              "--gpu-memory-utilization", "0.1", "--no-progress", "--out", "{d}/capacity-none"], 2,
-     ["no strategy found a rate", "not searched", "do not fit"]),
+     ["no strategy found a rate", "not searched", "does not fit l40s"]),
     # 5. tracebacks that are one line now
     ("trace of a header", RUN + ["--workload", "{d}/header-only.toml", "--model", "tiny", "--out", "{d}/o1"], 2,
      ["header-only.csv", "no rows"]),
@@ -157,7 +157,7 @@ def test_a_sweep_where_nothing_ran_is_not_charted(inputs, capsys):
                     ["plot", str(inputs / "capacity-none")]):
         assert main(command) == 2
         err = capsys.readouterr().err
-        assert "nothing to show, no strategy ran" in err and "do not fit" in err
+        assert "nothing to show, no strategy ran" in err and "does not fit l40s" in err
     assert not (inputs / "sweep-none" / "charts").exists()
 
 

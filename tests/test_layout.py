@@ -18,7 +18,8 @@ SOURCES = {"lorabench": ROOT / "lorabench", "lorabench.kernels": ROOT / "kernels
 # Lowest first. A module may import its own layer and those below; `lorabench.outputs.results`
 # (atomic writes, read_table) is a leaf every layer that writes files uses: it imports only errors.
 LAYERS = (
-    ("base", ("lorabench.errors", "lorabench.outputs.results", "lorabench.presets", "lorabench.kernels")),
+    ("base", ("lorabench.errors", "lorabench.outputs.results", "lorabench.presets", "lorabench.parallel",
+              "lorabench.kernels")),
     ("inputs", ("lorabench.workload", "lorabench.traces", "lorabench.strategies", "lorabench.adapters")),
     ("core", ("lorabench.compress", "lorabench.model", "lorabench.sim")),
     ("outputs", ("lorabench.outputs",)),

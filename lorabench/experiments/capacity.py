@@ -346,7 +346,8 @@ def main(args: argparse.Namespace) -> int:
     with pd.option_context("display.width", 200, "display.max_rows", 500, "display.max_colwidth", 40):
         print(table[shown].to_string(index=False, float_format=format_number))
     kind = "MODELED" if base.executor == "modeled" else "MEASURED"
-    print(f"\n{kind} ({base.executor} executor, {base.model} on {base.device}); max_rate: the highest arrival rate "
+    gpus = base.device if base.tp == 1 else f"{base.tp} x {base.device} per replica (GPUs = replicas x {base.tp})"
+    print(f"\n{kind} ({base.executor} executor, {base.model} on {gpus}); max_rate: the highest arrival rate "
           f"(req/s) found meeting {'; '.join(map(str, settings.objectives))} to within {settings.rel_tol:g}.\n"
           f"wrote {out / 'capacity.csv'}, {out / 'evaluations.csv'} and {out / 'charts' / 'capacity.png'}")
     if args.target_rate is not None:

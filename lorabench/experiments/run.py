@@ -12,9 +12,10 @@ from pathlib import Path
 import pandas as pd
 
 from lorabench.errors import LorabenchError
-from lorabench.experiments.runner import EXECUTORS, KV_POLICIES, Experiment, RunConfig, run_experiment
+from lorabench.experiments.runner import EXECUTORS, KV_POLICIES, Experiment, RunConfig, check_parallel, run_experiment
 from lorabench.outputs.results import default_run_dir
 from lorabench.outputs.tables import format_number, why_nothing_ran
+from lorabench.parallel import KV_CACHE_DTYPES, WEIGHT_DTYPES
 from lorabench.presets import DEVICES, MODEL_HELP
 from lorabench.sim.cluster import ROUTERS
 from lorabench.sim.memory import EVICTION_POLICIES
@@ -65,7 +66,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-device", help="measured: torch device to run on (default: cuda if present, else cpu)")
     p.add_argument("--eager", action="store_true", help="measured: no CUDA graphs for decode steps")
     p.add_argument("--profile", help="profile JSON replacing device figures and cost-model efficiencies (default: "
-                   "results/profiles/<device>-<model>.json when it exists)")
+                   "results/profiles/<device>-<model>.json when it exists, else <device>-vidur.json: the kernel "
+                   "physics fitted to Vidur's measurements, shipped for h100 and a100)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel GPUs per replica (modeled only): weights, KV heads and adapters sharded as "
+                   "vLLM does, two all-reduces per layer; GPUs in all = replicas x tp (default: %(default)s)")
+    p.add_argument("--weight-dtype", default="bf16", choices=WEIGHT_DTYPES,
+                   help="base weights (modeled only; LoRA stays bf16): fp8 halves their bytes and runs the GEMMs at the "
+                   "device's FP8 rate (Hopper, Ada, Blackwell) (default: %(default)s)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="KV cache (modeled only): auto = the model's bf16, fp8 halves its bytes (default: %(default)s)")
     p.add_argument("--requests", type=int, help="number of requests (overrides the workload)")
     p.add_argument("--rate", type=float, help="arrival rate, requests/s (overrides the workload)")
     p.add_argument("--duration", type=float, help="stop arrivals after this many seconds (default: the workload's)")
@@ -128,7 +138,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # RunConfig fields that are flags of the same name (ranks: --rank), for its error messages
 FLAG_FIELDS = ("n_loras", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "max_loras",
                "max_cpu_loras", "ttft_slo_ms", "tpot_slo_ms", "requests", "rate", "duration", "alpha", "ranks",
-               "time_scale", "trace_window", "pin_hot", "replicas", "affinity_slack", "seed")
+               "time_scale", "trace_window", "pin_hot", "replicas", "affinity_slack", "seed", "tp")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -159,14 +169,16 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
         affinity_slack=args.affinity_slack, eviction=args.eviction, pin_hot=args.pin_hot,
         time_scale=args.time_scale, trace_window=args.trace_window,
         ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms, save_detailed=args.save_detailed,
+        tp=args.tp, weight_dtype=args.weight_dtype, kv_cache_dtype=args.kv_cache_dtype,
     )
 
 
 def found_profile(args: argparse.Namespace) -> str | None:
-    """Without --profile, the measured profile of the run's device and model, if one exists."""
-    from lorabench.sim.costmodel import find_profile
+    """Without --profile, the measured profile of the run's device and model, else the device's
+    Vidur-fitted kernel physics, if either exists (`costmodel.default_profile`)."""
+    from lorabench.sim.costmodel import default_profile
 
-    found = find_profile(args.device, args.model)
+    found = default_profile(args.device, args.model)
     return None if found is None else str(found)
 
 
@@ -194,6 +206,7 @@ def default_jobs(config: RunConfig) -> int:
 
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    check_parallel(config)
     workload = config.load_workload()
     out = args.out or default_run_dir(config.workload, workload.n_loras)
     if out.exists():
@@ -262,8 +275,9 @@ def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
     exp = Experiment.build(config)
     plan = exp.plan(exp.strategy("per-lora"))
     ad = exp.workload.adapters
-    kind = ("MODELED figures (a roofline cost model of the device, not a measurement)"
-            if config.executor == "modeled" else "MEASURED step times")
+    kind = ("MEASURED step times" if config.executor != "modeled" else
+            f"MODELED figures (a cost model of the device with profile {config.profile}, not a measurement)"
+            if config.profile else "MODELED figures (a roofline cost model of the device, not a measurement)")
     memory = f"the {exp.device.memory_bytes / 2**30:.0f} GiB of one {config.device}"
     elsewhere = config.executor == "measured" and not str(first["device"]).startswith(config.device)
     written = [name for name in ("summary.csv", "requests/", "steps/", "replicas/") if (out / name.rstrip("/")).exists()]
@@ -274,10 +288,16 @@ def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
             f"{config.replicas} x {first['device']} behind a {config.router} router (GPU figures are per replica; "
             f"replicas/<strategy>.csv has each one's load and hit rate, `lorabench plot {out} --kind replicas` "
             f"charts them)")
+    if config.tp > 1:
+        gpus = (f"{gpus.replace('one ', '', 1) if config.replicas == 1 else gpus}, each replica {config.tp} GPUs in "
+                f"tensor parallel ({config.replicas * config.tp} GPUs in all; memory figures are per GPU)")
+    if not config.parallel.default:
+        gpus += f", {config.weight_dtype} weights, KV cache {config.kv_cache_dtype}"
     paragraphs = [
         f"{kind}: {first['model']} on {gpus}, {int(first['requests'])} requests of workload "
         f"{first['workload']} over {int(first['n_loras'])} adapters, the same stream for every strategy.",
-        f"Every strategy had the same GPU budget for adapters + KV cache: {plan.budget / 2**30:.1f} GiB "
+        f"Every strategy had the same GPU budget for adapters + KV cache: {plan.budget / 2**30:.1f} GiB"
+        f"{' per GPU' if config.tp > 1 else ''} "
         f"({config.gpu_memory_utilization:g} x {memory} - {plan.weights / 2**30:.1f} GiB of weights)."
         + (f" (Memory is planned as on --device {config.device}; the steps ran on {str(first['device']).split()[0]}.)"
            if elsewhere else "")

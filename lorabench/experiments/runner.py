@@ -31,6 +31,7 @@ from lorabench.errors import LorabenchError
 from lorabench.experiments.points import InProcess, local_backend
 from lorabench.outputs.bench_json import write_bench_result
 from lorabench.outputs.results import atomic_dir, write_csv, write_json
+from lorabench.parallel import KV_CACHE_DTYPES, WEIGHT_DTYPES, Parallel, check_fits, shard
 from lorabench.presets import DeviceSpec, ModelShape, device_preset, model_preset
 from lorabench.sim.cluster import ROUTERS, Cluster, Router
 from lorabench.sim.costmodel import Efficiency, LoraSetup, apply_profile, load_profile
@@ -90,6 +91,9 @@ class RunConfig:
     ttft_slo_ms: float = 2000.0
     tpot_slo_ms: float = 100.0
     save_detailed: bool | None = None  # bench/*.json per-request arrays: None = only for small runs (bench_json.py)
+    tp: int = 1  # tensor-parallel GPUs per replica (lorabench/parallel.py); GPUs in all = replicas x tp
+    weight_dtype: str = "bf16"  # base weights: bf16 or fp8
+    kv_cache_dtype: str = "auto"  # KV cache: auto (the model's bf16) or fp8
 
     def __post_init__(self) -> None:
         strategies = tuple(self.strategies)
@@ -129,10 +133,20 @@ class RunConfig:
             ("executor", self.executor in EXECUTORS, f"one of {', '.join(EXECUTORS)}"),
             ("ttft_slo_ms", self.ttft_slo_ms > 0, "> 0"),
             ("tpot_slo_ms", self.tpot_slo_ms > 0, "> 0"),
+            ("tp", self.tp >= 1, ">= 1"),
+            ("weight_dtype", self.weight_dtype in WEIGHT_DTYPES, f"one of {', '.join(WEIGHT_DTYPES)}"),
+            ("kv_cache_dtype", self.kv_cache_dtype in KV_CACHE_DTYPES, f"one of {', '.join(KV_CACHE_DTYPES)}"),
         ]
         for name, ok, what in checks:
             if not ok:
                 raise LorabenchError(f"{name} must be {what}, got {getattr(self, name)!r}")
+        if self.executor == "measured" and not self.parallel.default:
+            raise LorabenchError("executor measured runs one GPU in bf16: --tp, --weight-dtype fp8 and --kv-cache-dtype "
+                                 "fp8 are modeled only (--executor modeled)")
+
+    @property
+    def parallel(self) -> Parallel:
+        return Parallel(self.tp, self.weight_dtype, self.kv_cache_dtype)
 
     def load_workload(self) -> Workload:
         return load_workload(self.workload, n_loras=self.n_loras, requests=self.requests, duration=self.duration,
@@ -197,6 +211,16 @@ def check_context(requests: Requests, model: ModelShape, workload: Workload) -> 
         )
 
 
+def check_parallel(config: RunConfig) -> tuple[ModelShape, DeviceSpec]:
+    """The run's model and device, after one clear error if the model cannot be split `tp` ways,
+    the device lacks what the formats or the link need, or the weights alone fill each GPU."""
+    model, device = model_preset(config.model), _resolve_device(config)
+    shard(model, config.tp)
+    config.parallel.check_device(device)
+    check_fits(model, config.parallel, device, config.gpu_memory_utilization)
+    return model, device
+
+
 class StrategyUnavailable(RuntimeError):
     """The strategy cannot serve this experiment (its message is the summary's status)."""
 
@@ -223,23 +247,23 @@ class Experiment:
                 f"max_num_batched_tokens ({config.max_num_batched_tokens}) is below the longest prompt of workload "
                 f"{workload.source} ({longest} tokens): raise it or enable chunked prefill"
             )
-        model = model_preset(config.model)
+        model, device = check_parallel(config)
         check_context(requests, model, workload)
-        return cls(config, workload, requests, model, _resolve_device(config),
-                   workload.adapter_ranks(), workload.adapter_clusters())
+        return cls(config, workload, requests, model, device, workload.adapter_ranks(), workload.adapter_clusters())
 
     def strategy(self, name: str) -> Strategy:
         ad = self.workload.adapters
         return build_strategy(name, self.model, self.ranks, ad.target_modules, ad.compressed_rank, ad.clusters,
-                              packed=self.config.packed_adapters)
+                              packed=self.config.packed_adapters, tp=self.config.tp)
 
     def plan(self, strategy: Strategy) -> MemoryPlan:
-        """The strategy's share of the fair budget; per-lora slots default to the compressed
-        strategy's adapter memory (matched memory, as the paper compared)."""
+        """The strategy's share of the fair budget of one GPU (of the replica's tp); per-lora slots
+        default to the compressed strategy's adapter memory (matched memory, as the paper compared)."""
         compressed = self.strategy("compressed")
         cfg = self.config
         matched = compressed.shared_bytes + compressed.total_adapter_bytes
-        return plan_memory(strategy, self.model.params * 2, self.device.memory_bytes, cfg.gpu_memory_utilization,
+        weights = shard(self.model, cfg.tp).weight_bytes(cfg.parallel.weight_bytes)
+        return plan_memory(strategy, weights, self.device.memory_bytes, cfg.gpu_memory_utilization,
                            self.workload.n_loras, cfg.max_loras, matched)
 
     def pinned(self, strategy: Strategy, plan: MemoryPlan) -> tuple[int, ...]:
@@ -275,7 +299,8 @@ class Experiment:
             )
             runs = executor or _executor_factory(cfg.executor)(cfg, self.model, self.device, lora)
             return Replica(self.requests if not where else Requests.empty(), strategy, plan, runs, sched,
-                           kv_bytes_per_token(self.model.layers, self.model.kv_dim), cfg.max_cpu_loras,
+                           kv_bytes_per_token(self.model.layers, shard(self.model, cfg.tp).kv_dim, cfg.parallel.kv_bytes),
+                           cfg.max_cpu_loras,
                            cfg.storage_bandwidth, progress=progress, eviction=cfg.eviction,
                            pinned=self.pinned(strategy, plan), **where)
 

@@ -263,6 +263,7 @@ def main(args: argparse.Namespace) -> int:
              "ttft_p99_ms", "tpot_p99_ms", "gpu_memory_peak_gib"]
     with pd.option_context("display.width", 160, "display.max_rows", 500, "display.max_colwidth", 40):
         print(table[[c for c in shown if c in table.columns]].to_string(index=False, float_format=format_number))
-    print(f"\nwrote {out / 'sweep.csv'} ({table['executor'].iloc[0]} executor, device {table['device'].iloc[0]}); "
+    tp = "" if base.tp == 1 else f" x {base.tp} in tensor parallel (GPU memory per GPU)"
+    print(f"\nwrote {out / 'sweep.csv'} ({table['executor'].iloc[0]} executor, device {table['device'].iloc[0]}{tp}); "
           f"charts: lorabench plot {out}; report: lorabench report {out}")
     return 0

@@ -5,6 +5,10 @@ strategy and rank; each point runs through the measured executor (CUDA graphs fo
 GPU, unless --eager), median of --repeats runs. Then the device's ceilings (matmul, copy, host link)
 are measured, the cost model's efficiency factors fitted, and everything written atomically to
 results/profiles/<device>-<model>.json, which `lorabench run` picks up for that device and model.
+
+`--from-vidur DIR --device D` instead fits the device's kernel physics and GPU link to Vidur-format
+measurements (no GPU needed; lorabench.fidelity.vidur_fit) and writes results/profiles/<D>-vidur.json,
+which modeled runs on D use when no measured profile of their model exists.
 """
 
 from __future__ import annotations
@@ -51,7 +55,13 @@ def grid_steps(grid: str, n_loras: int) -> list[tuple[list[int], list[int], list
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     cuda = torch.cuda.is_available()
-    p.add_argument("--model", default="mistral-7b" if cuda else "tiny", help="model preset (default: mistral-7b on a GPU, tiny on the CPU)")
+    p.add_argument("--from-vidur", metavar="DIR", type=Path,
+                   help="fit the kernel physics of --device D to Vidur-format measurements in DIR "
+                   "(compute/<D>/<model>/mlp.csv, network/<D>*/all_reduce.csv) instead of measuring")
+    p.add_argument("--fit-tp", default="1", help="with --from-vidur: the tensor-parallel sizes whose rows are fitted, "
+                   "a comma list or all (default 1: the other sizes are held out as a check)")
+    p.add_argument("--model", help="model preset (default: mistral-7b on a GPU, tiny on the CPU); with --from-vidur, "
+                   "the model folder under compute/<device>/ (default: the only one)")
     p.add_argument("--strategy", default="all", help="all, or a comma-separated list of " + ", ".join(STRATEGIES) + " (default: all)")
     p.add_argument("--ranks", default="16", help="comma-separated LoRA ranks to profile (default 16)")
     p.add_argument("--n-loras", type=int, default=256, help="adapters the grid draws from (default 256)")
@@ -61,8 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the points timed (default: full on a GPU, quick on the CPU)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point, their median is kept (default: %(default)s)")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs for decode steps")
-    p.add_argument("--device", default="cuda" if cuda else "cpu", help="torch device to measure (default: cuda if present)")
-    p.add_argument("--out", type=Path, help="output file (default results/profiles/<device>-<model>.json)")
+    p.add_argument("--device", help="torch device to measure (default: cuda if present, else cpu); with --from-vidur, "
+                   f"the device preset the measurements are of ({', '.join(DEVICES)})")
+    p.add_argument("--out", type=Path, help="output file (default results/profiles/<device>-<model>.json; with "
+                   "--from-vidur, results/profiles/<device>-vidur.json)")
 
 
 def parse_strategies(spec: str) -> list[str]:
@@ -132,6 +144,10 @@ def run_profile(model: str, strategies, ranks, n_loras: int, modules, compressed
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.from_vidur is not None:
+        return from_vidur(args)
+    args.model = args.model or ("mistral-7b" if torch.cuda.is_available() else "tiny")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     strategies = parse_strategies(args.strategy)
     ranks = parse_ints(args.ranks, "--ranks")
     modules = target_modules(args.target_modules)
@@ -153,5 +169,41 @@ def main(args: argparse.Namespace) -> int:
         "max_abs_error_fitted": "max |err| fitted"})
     print("cost-model fit of step times (relative error, modeled vs measured):")
     print(table.to_string(float_format=lambda v: f"{v:.1%}" if v < 10 else f"{v:.0f}"))
+    print(f"wrote {out}")
+    return 0
+
+
+def from_vidur(args: argparse.Namespace) -> int:
+    """`lorabench profile --from-vidur DIR --device D`: fit, print what was fitted and how well, write."""
+    from lorabench.fidelity import vidur, vidur_fit
+    from lorabench.presets import device_preset
+
+    if args.device is None:
+        raise LorabenchError(f"--from-vidur needs --device: the device preset the measurements are of ({', '.join(DEVICES)})")
+    device = device_preset(args.device)
+    fit_tp = None if args.fit_tp.strip() == "all" else tuple(parse_ints(args.fit_tp, "--fit-tp"))
+    command = f"lorabench profile --from-vidur {args.from_vidur} --device {args.device}" + (
+        f" --model {args.model}" if args.model else "") + (f" --fit-tp {args.fit_tp}" if args.fit_tp != "1" else "")
+    profile = vidur_fit.fit_profile(args.from_vidur, device, args.model, fit_tp, command=command)
+    out = args.out or Path("results/profiles") / f"{device.name}-vidur.json"
+    write_json_atomic(out, profile)
+    meta, kernels = profile["meta"], profile["kernels"]
+    print(f"kernel physics of {device.name} fitted to {meta['compute']} ({meta['fitted_on']}):")
+    print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in kernels.items()))
+    table = pd.DataFrame(meta["fidelity"]).T
+    table["mape"] = table["mape"].map(vidur.percent)
+    table["worst_bucket_mape"] = table["worst_bucket_mape"].map(vidur.percent)
+    print("per-layer error (modeled / measured - 1) by tensor-parallel size" +
+          ("" if meta["held_out"] == "none" else f" (held out: {meta['held_out']})") + ":")
+    print(table.to_string())
+    checks = meta["cross_checks"]
+    print(f"cross-checks: fitted on every other token count, the rest {vidur.percent(checks['tokens']['held-out mape'])}; "
+          f"fitted without {vidur_fit.HELD_OUT_OP}, it {vidur.percent(checks['op'][f'{vidur_fit.HELD_OUT_OP} mape'])} "
+          f"and the layer {vidur.percent(checks['op']['layer mape'])}")
+    if "link" in meta:
+        dev = profile["device"]
+        print(f"all-reduce: {dev['link_latency_s'] * 1e6:.1f} us + 2 (n - 1) / n x bytes / "
+              f"{dev['link_bandwidth'] / 1e9:.0f} GB/s ({meta['link']['rows']} rows over {meta['link']['gpus']} GPUs, "
+              f"error {vidur.percent(meta['link']['mape'])})")
     print(f"wrote {out}")
     return 0

@@ -12,18 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lorabench.presets import ALL_LINEAR, DEFAULT_TARGET_MODULES, ModelShape
+from lorabench.presets import DEFAULT_TARGET_MODULES, ModelShape, target_modules  # noqa: F401 (target_modules: re-exported)
 from lorabench.errors import LorabenchError
-
-
-def target_modules(spec: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """'all-linear', a comma-separated string, or a sequence of module names -> a checked tuple."""
-    if isinstance(spec, str):
-        spec = ALL_LINEAR if spec == "all-linear" else tuple(m.strip() for m in spec.split(",") if m.strip())
-    bad = [m for m in spec if m not in ALL_LINEAR]
-    if bad or not spec:
-        raise LorabenchError(f"target modules {list(spec)}: expected 'all-linear' or names from {', '.join(ALL_LINEAR)}")
-    return tuple(spec)
 
 
 @dataclass

@@ -25,6 +25,18 @@ sized to the distinct adapters, plus ~0.07 (1 + M / 256) us per unused slot with
 A measured profile (`lorabench profile`, issue 5) replaces any of them: `apply_profile` takes the
 fields a profile JSON names ({"device": {...}, "efficiency": {...}}) and keeps the rest; its
 `step_scale` / `load_scale` multiply every modeled step / load (a measured-over-modeled fit).
+
+Kernel physics: a profile with a "kernels" object (`lorabench profile --from-vidur`; the shipped
+h100 and a100 profiles) replaces the base model's roofline by `physics.py`: GEMMs in waves of tiles
+over the SMs, elementwise kernels by their real bytes. Attention and LoRA stay on the roofline, with
+the fitted fractions of the datasheet peaks as the ceilings `Efficiency` applies to (as the h200's
+are measured ceilings). Without one (the h200 preset, whose efficiencies were calibrated on measured
+H200 figures with this roofline) nothing changes.
+
+Tensor parallelism (`Parallel`, lorabench/parallel.py): every kernel is one GPU's slice (sharded
+GEMMs and LoRA, its attention heads and KV bytes), plus two all-reduces per layer and the logits'
+gather over the device's link. FP8 weights halve the base GEMMs' weight bytes and run at the FP8
+rate; an FP8 KV cache halves the bytes attention reads.
 """
 
 from __future__ import annotations
@@ -38,8 +50,11 @@ from pathlib import Path
 import numpy as np
 
 from lorabench.errors import LorabenchError
+from lorabench.parallel import ACTIVATION_BYTES, Parallel, shard
 from lorabench.presets import DeviceSpec, ModelShape
+from lorabench.sim import physics
 from lorabench.sim.executor import Step
+from lorabench.sim.physics import KernelPhysics
 
 
 @dataclass(frozen=True)
@@ -87,9 +102,17 @@ def find_profile(device: str, model: str) -> Path | None:
     return next((d / name for d in PROFILE_DIRS if (d / name).is_file()), None)
 
 
-# The top-level sections a profile JSON may hold (fidelity/calibration.py writes the last three); any
-# other key is a typo that would otherwise be ignored.
-PROFILE_SECTIONS = ("device", "efficiency", "efficiency_by_strategy", "points", "meta")
+# The top-level sections a profile JSON may hold (fidelity/calibration.py writes efficiency_by_strategy,
+# points and meta; fidelity/vidur_fit.py writes kernels); any other key is a typo that would otherwise be
+# ignored.
+PROFILE_SECTIONS = ("device", "efficiency", "kernels", "efficiency_by_strategy", "points", "meta")
+
+
+def default_profile(device: str, model: str) -> Path | None:
+    """The profile a modeled run uses unless told otherwise: the measured one of this device and
+    model, else the device's kernel physics fitted to Vidur's measurements (<device>-vidur.json,
+    shipped for h100 and a100), else none (the preset's roofline)."""
+    return find_profile(device, model) or find_profile(device, "vidur")
 
 
 def load_profile(path: str | Path) -> dict:
@@ -114,23 +137,43 @@ def apply_profile(profile: dict, device: DeviceSpec, efficiency: Efficiency) -> 
     """The device and efficiency with the fields a profile names replaced (the rest kept)."""
     source = profile.get("source", "profile")
     device_fields = {k: v for k, v in profile.get("device", {}).items() if k not in ("name", "measured")}
+    where = f"profile {source}: device"
+    if "gemm_tiles" in device_fields:  # a list of [rows, cols]
+        tiles = device_fields.pop("gemm_tiles")
+        if not isinstance(tiles, list) or not tiles:
+            raise LorabenchError(f"{where}: field gemm_tiles must be a list of [rows, cols], got {tiles!r}")
+        device = dataclasses.replace(device, gemm_tiles=tuple(physics.tile_pair(t, f"{where}: gemm_tiles") for t in tiles))
+    if "interconnect" in device_fields:  # words
+        device = dataclasses.replace(device, interconnect=str(device_fields.pop("interconnect")))
     if device_fields:
-        device = _replace_fields(device, device_fields, f"profile {source}: device")
+        device = _replace_fields(device, device_fields, where)
     efficiency = _replace_fields(efficiency, profile.get("efficiency", {}), f"profile {source}: efficiency")
     return device, efficiency
 
 
+def profile_physics(profile: dict) -> KernelPhysics | None:
+    """A profile's kernel physics ("kernels" object), or None: the plain roofline."""
+    kernels = profile.get("kernels")
+    if kernels is None:
+        return None
+    if not isinstance(kernels, dict):
+        raise LorabenchError(f"profile {profile.get('source', 'profile')}: kernels must be an object")
+    return KernelPhysics.from_dict(kernels, f"profile {profile.get('source', 'profile')}: kernels")
+
+
 def make_executor(config, model: ModelShape, device: DeviceSpec, lora: "LoraSetup") -> "ModeledExecutor":
     """The runner's entry point (`RunConfig.executor == "modeled"`); `device` already has the
-    profile's device figures, this applies its efficiencies."""
-    efficiency = Efficiency()
+    profile's device figures, this applies its efficiencies and kernel physics."""
+    efficiency, kernel_physics = Efficiency(), None
     if config.profile is not None:
         profile = load_profile(config.profile)
         _, efficiency = apply_profile(profile, device, efficiency)
         # A measured profile (lorabench.fidelity.calibration) also fits each strategy's kernels apart.
         by_strategy = profile.get("efficiency_by_strategy", {}).get(lora.strategy, {})
         efficiency = _replace_fields(efficiency, by_strategy, f"profile {config.profile}: {lora.strategy} efficiency")
-    return ModeledExecutor(model, device, lora, efficiency)
+        kernel_physics = profile_physics(profile)
+    parallel = Parallel(config.tp, config.weight_dtype, config.kv_cache_dtype)
+    return ModeledExecutor(model, device, lora, efficiency, parallel=parallel, physics=kernel_physics)
 
 
 @dataclass(frozen=True)
@@ -151,19 +194,34 @@ class ModeledExecutor:
     name = "modeled"
 
     def __init__(self, model: ModelShape, device: DeviceSpec, lora: LoraSetup,
-                 efficiency: Efficiency | None = None, dtype_bytes: int = 2):
+                 efficiency: Efficiency | None = None, dtype_bytes: int = 2, parallel: Parallel | None = None,
+                 physics: KernelPhysics | None = None):
         self.model, self.device, self.lora = model, device, lora
         self.eff = efficiency or Efficiency()
         self.dtype_bytes = dtype_bytes
+        self.parallel = parallel or Parallel()
+        self.parallel.check_device(device)
+        self.shard = sh = shard(model, self.parallel.tp)  # what one GPU computes
+        self.physics = physics  # None: the base model on the plain roofline
         self._kernel_s = device.launch_overhead_s  # fixed cost of one base-model kernel
-        self._flops_rate = device.bf16_flops * self.eff.gemm_flops
-        self._byte_rate = device.mem_bandwidth * self.eff.memory
-        self._attention_flops_rate = device.bf16_flops * self.eff.attention_flops
-        self._attention_byte_rate = device.mem_bandwidth * self.eff.attention_memory
-        h, kv, inter = model.hidden, model.kv_dim, model.intermediate
-        # Base GEMMs of one layer as (d_in, d_out), fused as serving engines run them.
-        self._gemms = ((h, h + 2 * kv), (h, h), (h, 2 * inter), (inter, h))
-        self._modules = tuple(model.module_shape(m) for m in lora.target_modules)
+        # The ceilings Efficiency's fractions apply to: measured ones (the h200 preset's matmul and copy
+        # figures, on which they were calibrated), or with kernel physics the datasheet peaks times the
+        # fractions its fit found (attention and LoRA kernels run on these).
+        flops, fp8_flops, bandwidth = device.bf16_flops, device.fp8_flops, device.mem_bandwidth
+        if physics is not None:
+            flops, fp8_flops = flops * physics.gemm_flops, fp8_flops * physics.gemm_flops
+            bandwidth *= physics.gemm_memory
+        self._flops_rate = flops * self.eff.gemm_flops
+        self._fp8_flops_rate = fp8_flops * self.eff.gemm_flops
+        self._byte_rate = bandwidth * self.eff.memory
+        self._attention_flops_rate = flops * self.eff.attention_flops
+        self._attention_byte_rate = bandwidth * self.eff.attention_memory
+        h, kv, inter = model.hidden, sh.kv_dim, sh.intermediate
+        # Base GEMMs of one layer as (d_in, d_out), fused as serving engines run them (one GPU's slices).
+        self._gemms = ((h, sh.q_dim + 2 * kv), (sh.q_dim, h), (h, 2 * inter), (inter, h))
+        self._kv_dim, self._kv_bytes = kv, self.parallel.kv_bytes
+        # LoRA shrink and expand widths per module on one GPU (A's d_in, B's d_out; parallel.py).
+        self._modules = tuple(sh.lora_elements(m) for m in lora.target_modules)
         self._uniform_rank = len(np.unique(lora.ranks)) == 1
         self._max_rank = int(lora.ranks.max())
         self._n_clusters = 1 if lora.clusters is None else int(lora.clusters.max()) + 1
@@ -185,19 +243,51 @@ class ModeledExecutor:
         b = self.dtype_bytes
         return self._kernel(2.0 * m * d_in * d_out, b * (weight_copies * d_in * d_out + m * (d_in + d_out)), fixed)
 
+    def _base_gemm(self, m: int, d_in: int, d_out: int) -> float:
+        """A base-model GEMM on the roofline, in the weights' format (FP8: its rate, one byte per
+        weight and input activation, a bf16 output)."""
+        if self.parallel.weight_dtype == "bf16":
+            return self._gemm(m, d_in, d_out, self._kernel_s)
+        nbytes = d_in * d_out + m * (d_in + ACTIVATION_BYTES * d_out)
+        return max(2.0 * m * d_in * d_out / self._fp8_flops_rate, nbytes / self._byte_rate) + self._kernel_s
+
+    def layer_seconds(self, tokens: int) -> float:
+        """One decoder layer's non-attention kernels (GEMMs, norms, RoPE, SiLU-mul, residual) for
+        `tokens` tokens on one GPU, without communication: what Vidur's profiles measure."""
+        return self._dense_parts(tokens, 1)[0]
+
+    def _dense_parts(self, tokens: int, rows: int) -> tuple[float, float, float, float]:
+        """One layer's non-attention kernels and its communication (two all-reduces); the LM head for
+        `rows` sequences and the gather of its logits (communication is 0 on one GPU)."""
+        key = ("dense", tokens, rows)
+        parts = self._memo.get(key)
+        if parts is None:
+            h, b, e, sh, tp = self.model.hidden, self.dtype_bytes, self.eff, self.shard, self.parallel.tp
+            if self.physics is None:
+                layer = sum(self._base_gemm(tokens, d_in, d_out) for d_in, d_out in self._gemms)
+                # Elementwise kernels each read and write about a hidden-sized row per token (SiLU-mul
+                # reads two intermediate rows and writes one).
+                elementwise = (4 * tokens * h * b + 3 * tokens * sh.intermediate * b) / self._byte_rate
+                layer += elementwise + e.elementwise_kernels * self._kernel_s
+                head = self._gemm(rows, h, sh.vocab, self._kernel_s)
+            else:
+                layer = float(sum(physics.layer_kernels(tokens, sh, self.device, self.physics, self.parallel).values()))
+                head = float(physics.gemm_seconds(rows, sh.vocab, h, self.device, self.physics))
+            comm = 2 * physics.all_reduce_seconds(sh.all_reduce_bytes(tokens), tp, self.device)
+            gather = physics.gather_seconds(rows * self.model.vocab * ACTIVATION_BYTES, tp, self.device)
+            parts = self._memo[key] = (layer, comm, head, gather)
+        return parts
+
     def _dense_part(self, tokens: int, rows: int) -> float:
         """Everything but attention and LoRA, for `tokens` tokens and `rows` sequences (LM head)."""
-        key = ("dense", tokens, rows)
+        key = ("dense total", tokens, rows)
         seconds = self._memo.get(key)
         if seconds is None:
-            h, b, e = self.model.hidden, self.dtype_bytes, self.eff
-            layer = sum(self._gemm(tokens, d_in, d_out, self._kernel_s) for d_in, d_out in self._gemms)
-            # Elementwise kernels each read and write about a hidden-sized row per token (SiLU-mul
-            # reads two intermediate rows and writes one).
-            elementwise = (4 * tokens * h * b + 3 * tokens * self.model.intermediate * b) / self._byte_rate
-            layer += elementwise + e.elementwise_kernels * self._kernel_s
-            head = self._gemm(rows, h, self.model.vocab, self._kernel_s)
-            seconds = self._memo[key] = self.model.layers * layer + head + e.step_overhead_s
+            layer, comm, head, gather = self._dense_parts(tokens, rows)
+            seconds = self.model.layers * layer + head + self.eff.step_overhead_s
+            if self.parallel.tp > 1:  # the layers' all-reduces and the logits' gather
+                seconds += self.model.layers * comm + gather
+            self._memo[key] = seconds
         return seconds
 
     def _attention(self, step: Step) -> float:
@@ -207,8 +297,8 @@ class ModeledExecutor:
     def _attention_of(self, context, pairs, maximum=max):
         """`_attention` from the batch's total context and query-key pairs: floats, or arrays of them
         with `maximum=np.maximum` (the same operations in the same order, so the same values)."""
-        kv_bytes = context * 2 * self.model.kv_dim * self.dtype_bytes
-        flops = 4.0 * self.model.hidden * pairs
+        kv_bytes = context * 2 * self._kv_dim * self._kv_bytes
+        flops = 4.0 * self.shard.q_dim * pairs
         return maximum(flops / self._attention_flops_rate, kv_bytes / self._attention_byte_rate) + self._kernel_s
 
     # --- LoRA per strategy ------------------------------------------------------------------
@@ -314,6 +404,15 @@ class ModeledExecutor:
     def _step_time(self, dense, attention, lora):
         """A step from its dense part and one layer's attention and LoRA (floats or arrays)."""
         return (dense + self.model.layers * (attention + lora)) * self.eff.step_scale
+
+    def breakdown(self, step: Step) -> dict[str, float]:
+        """`step`'s modeled seconds by part (each x step_scale; they add up to `step(step)` but for
+        rounding): the base model's layers, attention, LoRA, communication, the LM head, overheads."""
+        layer, comm, head, gather = self._dense_parts(step.num_tokens, step.batch_size)
+        n, scale = self.model.layers, self.eff.step_scale
+        parts = {"base model layers": n * layer, "attention": n * self._attention(step), "lora": n * self._lora(step),
+                 "communication": n * comm + gather, "lm head": head, "overheads": self.eff.step_overhead_s}
+        return {k: v * scale for k, v in parts.items()}
 
     def load(self, nbytes: int, copies: int = 1) -> float:
         return (nbytes / self.device.host_link_bandwidth + copies * self.device.copy_latency_s) * self.eff.load_scale
