@@ -348,16 +348,19 @@ def plan(env: dict, work: Path) -> list[Step]:
     return steps
 
 
-def select(steps: list[Step], only: str | None) -> list[Step]:
+def wanted_steps(only: str | None) -> set[str] | None:
+    """The step names and phase numbers of --only (None: every step), or exit naming the unknown ones."""
     if not only:
-        return steps
+        return None
     wanted = {w.strip() for w in only.split(",") if w.strip()}
-    known = {s.name for s in steps} | {str(p) for p in PHASES}
-    unknown = sorted(wanted - known)
+    unknown = sorted(wanted - set(BUDGETS_S) - {str(p) for p in PHASES})
     if unknown:
-        sys.exit(f"gpu_check: --only {only}: unknown {', '.join(unknown)} (steps: {', '.join(s.name for s in steps)}; "
-                 "or phases 1-4)")
-    return [s for s in steps if s.name in wanted or str(s.phase) in wanted]
+        sys.exit(f"gpu_check: --only {only}: unknown {', '.join(unknown)} (steps: {', '.join(BUDGETS_S)}; or phases 1-4)")
+    return wanted
+
+
+def select(steps: list[Step], wanted: set[str] | None) -> list[Step]:
+    return [s for s in steps if wanted is None or s.name in wanted or str(s.phase) in wanted]
 
 
 # -- the summary ---------------------------------------------------------------------------------
@@ -420,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"{DEADLINE_S[0]} on a GPU, {DEADLINE_S[1]} on the CPU)")
     p.add_argument("--list", action="store_true", help="print the steps with their budgets and commands; run nothing")
     args = p.parse_args(argv)
+    wanted = wanted_steps(args.only)
     env = probe()
     gpu = env["card"] != "cpu"
     if env["missing_modules"]:
@@ -428,11 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else
                        ROOT / "results" / f"gpu-check-{env['card']}-{datetime.now(timezone.utc):%Y%m%d-%H%M}")
     if args.list:
-        for s in select(plan(env, args.work or Path("WORK")), args.only):
+        for s in select(plan(env, args.work or Path("WORK")), wanted):
             print(f"{s.phase} {s.name:22s} {s.budget_s:4d} s  {'(GPU only) ' if s.gpu_only else ''}{shlex.join(s.argv)}")
         return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="lorabench-gpu-check-"))
-    steps = select(plan(env, work), args.only)
+    steps = select(plan(env, work), wanted)
     deadline = args.deadline_s or DEADLINE_S[0 if gpu else 1]
     command = shlex.join(["scripts/gpu_check.sh", *(sys.argv[1:] if argv is None else argv)])
     check = Check(env, out, work, deadline, started, command)
