@@ -10,11 +10,18 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 
-# Wheels of what the GPU image lacks (simpy), made by scripts/gpu_wheels.sh and carried in .whl.
-if compgen -G ".whl/*.whl" >/dev/null; then
+# Wheels of what the GPU image lacks (simpy), made by scripts/gpu_wheels.sh and carried in .whl:
+# those whose package is not installed here go to a folder put on PYTHONPATH.
+missing=()
+for wheel in .whl/*.whl; do
+    [[ -e $wheel ]] || continue
+    name=$(basename "$wheel"); name=${name%%-*}
+    "$PY" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$name" 2>/dev/null || missing+=("$wheel")
+done
+if ((${#missing[@]})); then
     site=$(mktemp -d -t lorabench-site.XXXX)
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
-        || { echo "gpu_check.sh: installing the carried wheels (.whl) failed" >&2; exit 1; }
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "${missing[@]}" \
+        || { echo "gpu_check.sh: installing the carried wheels (${missing[*]}) failed" >&2; exit 1; }
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
