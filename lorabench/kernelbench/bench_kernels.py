@@ -3,8 +3,9 @@
 Grid: tokens M x resident adapters N, each token's adapter drawn from Zipf(alpha) over N;
 d_in = d_out = 4096, rank 16, compressed width R in {64, 128} (one cluster, full S). Columns: the
 strategies (single LoRA, per-lora sgmv and bgmv, paged, compressed; on CUDA also cuBLAS forms of
-single and compressed) beside the base layer's GEMM,
-in median microseconds, and the bandwidth each reaches on its unique weight bytes as a fraction of
+single and compressed) beside the baselines measured in the same process (the base layer's GEMM,
+and torch gather-bmm: each token's A_i and B_i gathered, two batched products), in median
+microseconds, and the bandwidth each reaches on its unique weight bytes as a fraction of
 the device's copy bandwidth, measured in the same run. "floor" is the per-lora unique adapter bytes
 over the copy bandwidth: no kernel that reads each adapter weight once can be faster.
 
@@ -13,7 +14,7 @@ On CUDA (bf16): the eager call and a CUDA-graph replay of it, each timed by trit
 wall-clock medians. `--device-check` first checks every Triton kernel on the GPU in bf16 and fp16
 against the float64 reference. The CSV is rewritten after every grid point (an interrupted run keeps
 what it measured). After a GPU run, and with `--check-targets CSV` for a table written earlier, the
-H200 bars of `kernel_targets` (vLLM's kernels, copy bandwidth, compressed vs single) are checked.
+bars of `kernel_targets` for the card the table was measured on are checked.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from tqdm import tqdm
 
 from lorabench.errors import LorabenchError
 from lorabench.kernelbench import kernel_targets
+from lorabench.kernelbench.correctness import device_check
+from lorabench.kernelbench.provenance import triton_version, versions
 from lorabench.outputs.results import write_csv_atomic
 
 GPU_GRID_M = (1, 16, 64, 256, 1024)
@@ -63,7 +66,8 @@ class BenchConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, help="CSV to write (default results/kernels/<device>.csv)")
+    p.add_argument("--out", type=Path, help="CSV to write (default results/kernels/<device>.csv; with --check-targets: "
+                   "the verdicts, default none)")
     p.add_argument("--device-check", action="store_true",
                    help="first check every Triton kernel on the GPU (bf16, fp16) against the float64 reference")
     p.add_argument("--m", help="comma-separated token counts (default: the full grid on CUDA, 1,16,64,256 on CPU)")
@@ -76,13 +80,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "would, and show grids, blocks, registers, spills and pipelining (CSV: --out, default "
                         "results/kernels/plan-sm90.csv)")
     p.add_argument("--check-targets", type=Path, metavar="CSV",
-                   help="time nothing: check a bench-kernels CSV of a GPU run against the H200 bars "
-                        "(vLLM's kernels, copy bandwidth); exit 1 if one is missed")
+                   help="time nothing: check a bench-kernels CSV of a GPU run against the bars for its card "
+                        "(vLLM's kernels on an H200, gather-bmm and copy bandwidth measured in the same run); "
+                        "exit 1 if one is missed")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.check_targets is not None:
-        return check_targets_of(args.check_targets)
+        return check_targets_of(args.check_targets, args.out)
     cuda = torch.cuda.is_available() and not args.plan
     if args.device_check and not cuda:
         raise LorabenchError("--device-check needs a CUDA GPU (none is visible)")
@@ -118,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
     provenance = dict(
         device=device_name,
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        versions=f"torch {torch.__version__}, triton {_triton_version()}",
+        versions=versions(),
         command=_command(config, "--device-check" if args.device_check else ""),
     )
     out = args.out or Path("results/kernels") / f"{_slug(device_name)}.csv"
@@ -145,7 +150,7 @@ def plan_main(config: BenchConfig, args: argparse.Namespace) -> int:
         raise LorabenchError("--plan compiles the kernels: unset TRITON_INTERPRET")
     plan = plan_grid(config)
     plan.insert(0, "arch", "sm_90")
-    plan["versions"] = f"torch {torch.__version__}, triton {_triton_version()}"
+    plan["versions"] = f"torch {torch.__version__}, triton {triton_version()}"
     plan["command"] = _command(config, "--plan")
     out = args.out or Path("results/kernels/plan-sm90.csv")
     write_csv_atomic(out, plan)
@@ -154,12 +159,18 @@ def plan_main(config: BenchConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def check_targets_of(path: Path) -> int:
-    """`--check-targets FILE`: the H200 bars against a table written earlier; 1 if one is missed."""
+def check_targets_of(path: Path, out: Path | None = None) -> int:
+    """`--check-targets FILE [--out VERDICTS]`: the bars of the table's card against a table written
+    earlier (the verdicts also as CSV, with the table's device, date and versions); 1 if one is missed."""
     table = kernel_targets.read_table(path)
-    device = str(table["device"].iloc[0]) if "device" in table.columns and len(table) else "an unknown device"
+    device = kernel_targets.table_device(table)
     verdicts = kernel_targets.check_targets(table)
     kernel_targets.print_targets(verdicts, device)
+    if out is not None:
+        source = {c: table[c].iloc[0] for c in ("device", "date", "versions") if c in table.columns}
+        command = f"lorabench bench-kernels --check-targets {path} --out {out}"
+        write_csv_atomic(out, verdicts.assign(**source, command=command))
+        print(f"wrote {out}")
     return 0 if verdicts.ok.all() else 1
 
 
@@ -167,7 +178,7 @@ def _print_targets_if_covered(table: pd.DataFrame, device: str) -> None:
     try:
         kernel_targets.print_targets(kernel_targets.check_targets(table), device)
     except LorabenchError as err:  # a subset of the grid: no bar to show, the run itself succeeded
-        print(f"\nH200 kernel bars: not checked ({err})")
+        print(f"\nkernel bars: not checked ({err})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +289,8 @@ class LayerWeights:
 def strategies(c: BenchConfig, w: LayerWeights, batch: LoraBatch, x, y, distinct: int, plan: bool = False):
     """(name, call, unique weight bytes) of every column.
 
+    Beside the strategies, the baselines a user compares with, timed in the same process: the base
+    layer's GEMM and torch gather-bmm (what multi-LoRA serving looks like without special kernels).
     On CUDA also the cuBLAS forms that the Triton kernels should beat: single LoRA as two
     torch GEMMs, and the compressed layer with its dense steps in cuBLAS. On CPU per-lora has one
     (PyTorch) path. With `plan`, only the Triton columns of a GPU run, called through the Triton
@@ -301,6 +314,9 @@ def strategies(c: BenchConfig, w: LayerWeights, batch: LoraBatch, x, y, distinct
         return lora_paged(x, y, w.pool, w.a_pages, w.b_pages, w.ranks, w.scales, batch, backend=backend)
 
     yield "paged", paged, distinct * lora_bytes
+    if not plan:
+        ids = batch.token_adapters.long()
+        yield "torch_gather_bmm", lambda: gather_bmm(x, y, w.A, w.B, w.scales, ids), distinct * lora_bytes
     for width, (U, V, S, cluster_of) in w.compressed.items():
         nbytes = (width * (c.d_in + c.d_out) + distinct * width * width) * c.elem
         yield (f"compressed_R{width}",
@@ -312,6 +328,15 @@ def strategies(c: BenchConfig, w: LayerWeights, batch: LoraBatch, x, y, distinct
                 return compressed_lora(x, y, U, V, S, k, batch, dense="torch")
 
             yield f"compressed_R{width}_cublas", cublas_dense, nbytes
+
+
+def gather_bmm(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
+               ids: torch.Tensor) -> torch.Tensor:
+    """The multi-LoRA baseline in plain PyTorch: y[t] += scale[i] * B_i (A_i x[t]), i = ids[t] >= 0,
+    with each token's A_i and B_i gathered into (M, r, d_in) and (M, d_out, r) and two torch.bmm."""
+    h = torch.bmm(A[ids], x.unsqueeze(-1))  # (M, r, 1)
+    delta = torch.bmm(B[ids], h).squeeze(-1)  # (M, d_out)
+    return y.add_(delta * scales[ids].to(delta.dtype).unsqueeze(-1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,55 +425,6 @@ def copy_bandwidth(device: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Device check
-
-
-# name -> (M, d_in, d_out, r, N): small ragged shapes (several tiles and blocks, tokens without
-# adapter, heterogeneous ranks) and the benchmark's own shape, whose block sizes the interpreter
-# tests do not reach.
-CHECK_SHAPES = {"small": (70, 130, 40, 12, 9), "bench": (256, 4096, 4096, 16, 64)}
-
-
-def device_check(
-    device: str = "cuda", dtypes=(torch.bfloat16, torch.float16), shapes=CHECK_SHAPES, seed: int = 0
-) -> pd.DataFrame:
-    """Every Triton kernel against the float64 reference: one row per (op, dtype, shape)."""
-    from lorabench.kernels.bgmv import bgmv_lora
-    from lorabench.kernels.compressed import compressed_lora
-    from lorabench.kernels.paged import paged_lora
-    from lorabench.kernels.sgmv import sgmv_lora
-    from lorabench.kernels.single import single_lora
-
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for dtype in dtypes:
-        for shape, (m, d_in, d_out, r, n) in shapes.items():
-            ids = testing.zipf_ids(m, n, 1.0, gen, p_none=0.1).tolist()
-            ranks = [max(1, r - (i % 5)) for i in range(n)]  # heterogeneous
-            problems = {
-                "single": (single_lora, testing.single_problem(m, d_in, d_out, r, dtype, device, gen)),
-                "sgmv": (sgmv_lora, testing.per_lora_problem(ids, n, d_in, d_out, r, dtype, device, gen)),
-                "bgmv": (bgmv_lora, testing.per_lora_problem(ids, n, d_in, d_out, r, dtype, device, gen)),
-                "paged": (paged_lora, testing.paged_problem(
-                    ids, ranks, d_in, d_out, max(d_in, d_out), dtype, device, gen)),
-                "compressed_full": (compressed_lora, testing.compressed_problem(
-                    ids, n, 2, 64, False, d_in, d_out, dtype, device, gen)),
-                "compressed_diag": (compressed_lora, testing.compressed_problem(
-                    ids, n, 2, 128, True, d_in, d_out, dtype, device, gen)),
-            }
-            for op, (fn, p) in problems.items():
-                extra = {} if p.batch is None else {"batch": p.batch}
-                try:
-                    got = fn(**p.fresh_y(), **extra)
-                    err, failure = testing.max_error(got.cpu(), p.expected()), ""
-                except Exception as exc:  # noqa: BLE001 - report every kernel's failure, not the first
-                    err, failure = math.inf, str(exc)[:200]
-                rows.append(dict(op=op, dtype=str(dtype).removeprefix("torch."), shape=shape, error_vs_tolerance=err,
-                                 ok=err <= 1.0, failure=failure))
-    return pd.DataFrame(rows)
-
-
-# ---------------------------------------------------------------------------------------------
 # Output
 
 
@@ -483,14 +459,6 @@ def _command(config: BenchConfig, flag: str) -> str:
     """The bench-kernels command line that reproduces a table of `config`."""
     return (f"lorabench bench-kernels {flag + ' ' if flag else ''}--m {','.join(map(str, config.grid_m))} "
             f"--n {','.join(map(str, config.grid_n))} --d {config.d_in} --seed {config.seed}")
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-    except ImportError:
-        return "none"
-    return triton.__version__
 
 
 def _slug(device_name: str) -> str:

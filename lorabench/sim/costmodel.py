@@ -103,9 +103,9 @@ def find_profile(device: str, model: str) -> Path | None:
 
 
 # The top-level sections a profile JSON may hold (fidelity/calibration.py writes efficiency_by_strategy,
-# points and meta; fidelity/vidur_fit.py writes kernels); any other key is a typo that would otherwise be
-# ignored.
-PROFILE_SECTIONS = ("device", "efficiency", "kernels", "efficiency_by_strategy", "points", "meta")
+# points and meta; fidelity/vidur_fit.py writes kernels; the GPU check adds provenance); any other key is a
+# typo that would otherwise be ignored.
+PROFILE_SECTIONS = ("device", "efficiency", "kernels", "efficiency_by_strategy", "points", "meta", "provenance")
 
 
 def default_profile(device: str, model: str) -> Path | None:
