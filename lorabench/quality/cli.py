@@ -86,8 +86,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"lorabench eval: {len(empty)} adapter(s) have no rows in {args.data} (reported with 0 tokens): "
               f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}", file=sys.stderr)
     table = evaluate(model, rows, versions, args.batch_tokens, progress=not args.quiet)
-    title = (f"lorabench eval: {len(rows) - len(empty)} adapters of {Path(args.adapters).name} on "
-             f"{Path(args.base).name} ({model.dtype}, {device.type})")
+    title = (f"lorabench eval: {len(rows) - len(empty)} adapters of {args.adapters} on {args.base} "
+             f"({str(model.dtype).removeprefix('torch.')}, {device.type})")
     with atomic_dir(args.out) as tmp:
         summary = write_outputs(tmp, table, title)
         write_json(tmp / "config.json", {
