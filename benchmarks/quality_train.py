@@ -125,10 +125,18 @@ def pretrain(model: TinyLlama, batches, steps: int, lr: float, progress) -> list
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+    def loss_at(step: int) -> torch.Tensor:
+        tokens = batches(step)
+        return token_loss(model(tokens), tokens)
+    return _optimize(opt, sched, loss_at, steps, progress)
+
+
+def _optimize(opt, sched, loss_at, steps: int, progress) -> list[float]:
+    """`steps` optimizer steps on loss_at(step); the losses."""
     losses = []
     for step in progress(range(steps)):
-        tokens = batches(step)
-        loss = token_loss(model(tokens), tokens)
+        loss = loss_at(step)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -156,13 +164,8 @@ def train_adapters(model: TinyLlama, lora: dict, scale: float, batches, steps: i
     params = [p for pair in lora.values() for p in pair]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    losses = []
-    for step in progress(range(steps)):
+
+    def loss_at(step: int) -> torch.Tensor:
         tokens = batches(step)
-        loss = token_loss(model(tokens, lora, scale), tokens)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-    return losses
+        return token_loss(model(tokens, lora, scale), tokens)
+    return _optimize(opt, sched, loss_at, steps, progress)

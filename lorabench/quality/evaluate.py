@@ -138,9 +138,8 @@ def evaluate(model: Decoder, rows: dict[str, list[list[int]]], versions: list[Ve
     names = ["base"] + [v.name for v in versions]
     for adapter, adapter_batches in batches.items():
         states = {"base": None}
-        for v in versions:
-            weights = v.weights(adapter)
-            states[v.name] = SingleLora(weights, model.device, model.dtype)
+        for v in versions if adapter_batches else ():  # no rows: nothing to run, nothing to load
+            states[v.name] = SingleLora(v.weights(adapter), model.device, model.dtype)
         sums = {name: _Sums() for name in names}
         for batch in adapter_batches:
             ref_logp, targets = runner.log_probs(batch, states["original"])
