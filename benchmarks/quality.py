@@ -183,14 +183,14 @@ def main() -> int:
         with step("adapters", timings):
             model = model or reload_base(work, s)
             notes["adapters_final_loss"] = build_adapters(work, s, model, language, tasks)
-    (work / "notes.json").write_text(json.dumps(notes, indent=1) + "\n")
     if not (work / "data.jsonl").exists():
         write_data(work, s, language, tasks)
-    with step("compress", timings):
-        for name, extra in GRID.items():
-            if not (work / "compressed" / name).exists():
+    todo = [name for name in GRID if not (work / "compressed" / name).exists()]
+    if todo:
+        with step("compress", timings):
+            for name in todo:
                 code = lorabench(["compress", str(work / "adapters"), "--out", str(work / "compressed" / name),
-                                  "--quiet", "--seed", str(s["seed"]), *extra])
+                                  "--quiet", "--seed", str(s["seed"]), *GRID[name]])
                 assert code == 0, name
     if not (work / "eval").exists():
         with step("eval", timings):
@@ -198,6 +198,8 @@ def main() -> int:
                               str(work / "data.jsonl"), "--out", str(work / "eval"), "--device", "cpu",
                               "--compressed", *[str(work / "compressed" / n) for n in GRID]])
             assert code == 0
+    notes["timings_s"] = {**notes.get("timings_s", {}), **timings}  # a stage skipped this time keeps its time
+    (work / "notes.json").write_text(json.dumps(notes, indent=1) + "\n")
     summary = pd.read_csv(work / "eval" / "summary.csv")
     table = pd.read_csv(work / "eval" / "eval.csv")
     errors = {n: json.loads((work / "compressed" / n / "summary.json").read_text())["mean_error"] for n in GRID}
@@ -212,14 +214,22 @@ def main() -> int:
     text += "| version | per module: mean | min | max |\n|---|---|---|---|\n"
     text += "\n".join(f"| {r.version} | {r.ari_mean:.3f} | {r.ari_min:.3f} | {r.ari_max:.3f} |" for r in clusters.itertuples())
     (args.out / "table.md").write_text(text + "\n")
-    study = {"command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]), "settings": s, "grid": GRID,
-             "timings_s": timings, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+    study = {"command": " ".join(["python benchmarks/quality.py", *sys.argv[1:]]), "settings": s, "grid": GRID,
+             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), **notes,
              "base_loss_eval": float(summary.set_index("version").loc["base", "loss"]),
              "base_loss_training_code": base_loss_here(work, s)}
     # lorabench's decoder, loading the checkpoint, must compute what the training code computes.
     assert abs(study["base_loss_eval"] - study["base_loss_training_code"]) < 1e-4, study
     (args.out / "study.json").write_text(json.dumps(study, indent=1) + "\n")
+    minutes = sum(study["timings_s"].values()) / 60
+    (args.out / "README.md").write_text(
+        f"# Quality study: what joint compression keeps of trained adapters' behaviour\n\n"
+        f"Made by `{study['command']}` on {study['date']} ({study['machine']}; one thread) in {minutes:.1f} min "
+        f"(stages, seconds: {study['timings_s']}). See README.md, section \"The quality study\", and "
+        f"benchmarks/quality.py for what it does. Files: table.md (this table), summary.csv (per version), eval.csv "
+        f"(per adapter and version), kept_per_adapter.csv, clusters.csv, study.json (settings), kept_improvement.png.\n\n"
+        f"{text}\n\n![kept improvement against reconstruction error](kept_improvement.png)\n")
     print(text)
     print(json.dumps({k: study[k] for k in ("timings_s", "date")}))
     return 0
