@@ -95,3 +95,11 @@ def test_cluster_by_adapter_needs_a_count_and_shared_bases(tmp_path, capsys):
     assert main(["compress", str(tmp_path), "--rank", "4", "--cluster-by", "adapter", "--clusters", "auto",
                  "--out", str(tmp_path / "o")]) == 2
     assert "--cluster-by adapter" in capsys.readouterr().err
+    write_synth_collection(SynthSpec(n=3, ranks=(2,), seed=1), tmp_path / "a", progress=False)
+    for args, words in ((["--clusters", "4"], "--clusters 4 exceeds the 3 adapters"),
+                        (["--clusters", "2", "--rank", "65"], "--rank 65 exceeds the module's size")):
+        argv = ["compress", str(tmp_path / "a"), "--rank", "4", "--cluster-by", "adapter", "--out", str(tmp_path / "o"),
+                "--quiet"]
+        assert main(argv + args) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1

@@ -36,6 +36,7 @@ import torch
 from lorabench.adapters.types import LoraStack
 from lorabench.compress.clusters import METHODS
 from lorabench.compress.fit import one_thread, relative
+from lorabench.errors import LorabenchError
 
 StackLoader = Callable[[object], LoraStack]
 
@@ -129,10 +130,9 @@ def spectral_assignment(sim: torch.Tensor, k: int, seed: int = 0, restarts: int 
 
 
 def refine(load: StackLoader, keys: list, assignment: torch.Tensor, k: int, fit_group, project,
-           weights: Callable[[LoraStack], torch.Tensor], max_rounds: int) -> tuple[torch.Tensor, float]:
+           weights: Callable[[LoraStack], torch.Tensor], max_rounds: int) -> torch.Tensor:
     """k-means-like rounds on the pooled objective: fit each group per module (warm-started), move
-    every adapter to the group with the lowest sum over modules of its relative error. Returns the
-    assignment and its pooled objective (that sum, over adapters)."""
+    every adapter to the group with the lowest sum over modules of its relative error."""
     inits: dict = {}
     for _ in range(max_rounds):
         cost = torch.zeros(assignment.shape[0], k, dtype=torch.float64)
@@ -150,19 +150,26 @@ def refine(load: StackLoader, keys: list, assignment: torch.Tensor, k: int, fit_
         if torch.bincount(new, minlength=k).min() == 0 or torch.equal(new, assignment):
             break  # a group would empty: keep the last assignment that had every group
         assignment = new
-    return assignment, float(current.sum())
+    return assignment
 
 
 def cluster_adapters(load: StackLoader, keys: list, rank: int, k: int, method: str, weights: Callable[[LoraStack], torch.Tensor],
                      tol: float = 1e-4, max_iter: int = 50, max_rounds: int = 20, seed: int = 0) -> torch.Tensor:
     """One group in 0..k-1 per adapter from every module of `keys` (`load(key)` gives its stack)."""
     fit, project = METHODS[method]
-    n = load(keys[0]).n
-    if not 1 <= k <= n:
-        raise ValueError(f"clusters must be in 1..{n} (the number of adapters), got {k}")
+
+    def checked(key) -> LoraStack:  # the checks compress_module makes, before any work
+        stack = load(key)
+        if rank > min(stack.d_in, stack.d_out):
+            raise LorabenchError(f"--rank {rank} exceeds the module's size {stack.d_out} x {stack.d_in}")
+        if k > stack.n:
+            raise LorabenchError(f"--clusters {k} exceeds the {stack.n} adapters")
+        return stack
+
+    n = checked(keys[0]).n
     if k == 1:
         return torch.zeros(n, dtype=torch.long)
-    sims = pooled_similarities(load(key) for key in keys)
+    sims = pooled_similarities(checked(key) for key in keys)
     sims["both"] = sum(sims.values())
     # The similarity that shows K groups most clearly (largest eigengap) gives the start.
     start, _ = max((spectral_assignment(sim, k, seed) for sim in sims.values()), key=lambda found: found[1])
@@ -171,4 +178,4 @@ def cluster_adapters(load: StackLoader, keys: list, rank: int, k: int, method: s
 
     def fit_group(stack: LoraStack, w: torch.Tensor, init):
         return fit(stack, rank, w, init=init, tol=tol, max_iter=max_iter, seed=seed)
-    return refine(load, keys, start, k, fit_group, project, weights, max_rounds)[0]
+    return refine(load, keys, start, k, fit_group, project, weights, max_rounds)

@@ -82,9 +82,9 @@ def _window(config: dict, arch: str) -> int | None:
     return int(window) if isinstance(window, int) and window > 0 else None
 
 
-def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Decoder:
-    """The decoder of a Hugging Face checkpoint folder, its weights in `dtype` (default bf16 on CUDA,
-    fp32 on CPU) on `device`."""
+def checkpoint_shape(folder: str | Path) -> tuple[ModelShape, dict]:
+    """The shape of a checkpoint folder's model (its context capped by an attention window it uses)
+    and its config, checked as far as the config goes: what can be known before reading weights."""
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
         raise LorabenchError(f"checkpoint {folder}: no {CONFIG_FILE} (expected a Hugging Face model folder)")
@@ -93,10 +93,19 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
     where = folder / CONFIG_FILE
     if config.get("hidden_act", "silu") != "silu":
         raise LorabenchError(f"{where}: hidden_act {config['hidden_act']!r} is not supported (lorabench's MLP is SwiGLU)")
-    rope_inv_freq = _rope(config, shape, where)
+    _rope(config, shape, where)
     window = _window(config, config["architectures"][0])
     if window is not None and window < shape.max_context:
         shape = dataclasses.replace(shape, max_context=window)
+    return shape, config
+
+
+def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Decoder:
+    """The decoder of a Hugging Face checkpoint folder, its weights in `dtype` (default bf16 on CUDA,
+    fp32 on CPU) on `device`."""
+    folder = Path(folder)
+    shape, config = checkpoint_shape(folder)
+    rope_inv_freq = _rope(config, shape, folder / CONFIG_FILE)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise LorabenchError(f"checkpoint {folder}: no *.safetensors weights (other formats are not read)")

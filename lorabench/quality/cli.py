@@ -18,10 +18,10 @@ import torch
 
 from lorabench.adapters.collection import load_collection
 from lorabench.errors import LorabenchError
-from lorabench.model.checkpoint import load_checkpoint
+from lorabench.model.checkpoint import checkpoint_shape, load_checkpoint
 from lorabench.model.decoder import Decoder
 from lorabench.outputs.results import atomic_dir, write_json
-from lorabench.presets import MODELS, is_config_path, model_preset
+from lorabench.presets import MODELS, ModelShape, is_config_path, model_preset
 from lorabench.quality.data import Tokenizer, byte_tokenizer, checkpoint_tokenizer, read_rows
 from lorabench.quality.evaluate import compressed_version, evaluate, original_version
 from lorabench.quality.report import write_outputs
@@ -49,13 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar or table")
 
 
-def open_base(base: str, device: torch.device, dtype: torch.dtype | None, seed: int) -> tuple[Decoder, Tokenizer]:
-    """The base model and the tokenizer of its text rows."""
+def base_shape(base: str) -> tuple[ModelShape, Tokenizer]:
+    """The base model's shape and the tokenizer of its text rows, without reading weights."""
     if base in MODELS:
         shape = model_preset(base)
-        return Decoder(shape, device, dtype, seed=seed), byte_tokenizer(shape.vocab)
+        return shape, byte_tokenizer(shape.vocab)
     if Path(base).is_dir():
-        return load_checkpoint(base, device, dtype), checkpoint_tokenizer(Path(base))
+        return checkpoint_shape(base)[0], checkpoint_tokenizer(Path(base))
     if is_config_path(base) and Path(base).is_file():
         raise LorabenchError(f"--base {base}: a config.json alone has no weights; give its checkpoint folder, or a preset")
     if is_config_path(base):
@@ -64,27 +64,35 @@ def open_base(base: str, device: torch.device, dtype: torch.dtype | None, seed: 
     raise AssertionError(base)
 
 
+def load_base(base: str, device: torch.device, dtype: torch.dtype | None, seed: int) -> Decoder:
+    """A preset's random weights, or the checkpoint's."""
+    if base in MODELS:
+        return Decoder(model_preset(base), device, dtype, seed=seed)
+    return load_checkpoint(base, device, dtype)
+
+
 def main(args: argparse.Namespace) -> int:
     if args.batch_tokens < 2:
         raise LorabenchError(f"--batch-tokens must be >= 2, got {args.batch_tokens}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LorabenchError(f"--device {args.device}: no CUDA device here")
-    model, tokenize = open_base(args.base, device, getattr(torch, args.dtype) if args.dtype else None, args.seed)
+    shape, tokenize = base_shape(args.base)  # every check that needs no weights first: loading can take long
     collection = load_collection(args.adapters, model=args.base if args.base in MODELS else str(Path(args.base)))
-    versions = [original_version(collection, model)]
+    versions = [original_version(collection, shape)]
     for folder in args.compressed:
-        versions.append(compressed_version(folder, collection, model))
+        versions.append(compressed_version(folder, collection, shape))
         if versions[-1].name in {"base"} | {v.name for v in versions[:-1]}:
             raise LorabenchError(f"--compressed {folder}: its name {versions[-1].name!r} is taken by another version; "
                                  "rename the folder")
-    rows = read_rows(args.data, collection.names, tokenize, model.shape.vocab, model.shape.max_context)
+    rows = read_rows(args.data, collection.names, tokenize, shape.vocab, shape.max_context)
     empty = [name for name, seqs in rows.items() if not seqs]
     if len(empty) == len(rows):
         raise LorabenchError(f"--data {args.data}: no rows for any adapter of {args.adapters}")
     if empty:
         print(f"lorabench eval: {len(empty)} adapter(s) have no rows in {args.data} (reported with 0 tokens): "
               f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}", file=sys.stderr)
+    model = load_base(args.base, device, getattr(torch, args.dtype) if args.dtype else None, args.seed)
     table = evaluate(model, rows, versions, args.batch_tokens, progress=not args.quiet)
     title = (f"lorabench eval: {len(rows) - len(empty)} adapters of {args.adapters} on {args.base} "
              f"({str(model.dtype).removeprefix('torch.')}, {device.type})")

@@ -36,6 +36,7 @@ from lorabench.model.collections import stacked_adapter
 from lorabench.model.decoder import Decoder
 from lorabench.model.kv_cache import BlockKVCache
 from lorabench.model.lora import SingleLora
+from lorabench.presets import ModelShape
 
 COLUMNS = ("adapter", "version", "tokens", "loss", "kl_vs_original", "top1_agreement", "accuracy", "relative_error")
 BLOCK = 16  # KV-cache block size, tokens
@@ -51,16 +52,16 @@ class Version:
     errors: dict[str, float]
 
 
-def original_version(collection: AdapterCollection, model: Decoder) -> Version:
+def original_version(collection: AdapterCollection, shape: ModelShape) -> Version:
     folders = {a.name: Path(a.folder) for a in collection.adapters}
 
     def weights(name: str) -> AdapterWeights:
         config, factors = read_adapter(folders[name])
-        return stacked_adapter(model.shape, factors, {key: config.scaling(key) for key in factors})
+        return stacked_adapter(shape, factors, {key: config.scaling(key) for key in factors})
     return Version("original", weights, {})
 
 
-def compressed_version(folder: str | Path, collection: AdapterCollection, model: Decoder) -> Version:
+def compressed_version(folder: str | Path, collection: AdapterCollection, shape: ModelShape) -> Version:
     """A compressed collection of (some of) `collection`'s adapters, checked to be made from the same files."""
     compressed = CompressedCollection.load(folder)
     sources = {a["name"]: a.get("sha256") for a in compressed.metadata["adapters"]}
@@ -73,7 +74,7 @@ def compressed_version(folder: str | Path, collection: AdapterCollection, model:
     errors = pd.read_csv(Path(folder) / ERRORS_FILE).groupby("adapter")["relative_error"].mean().to_dict()
 
     def weights(name: str) -> AdapterWeights:
-        return stacked_adapter(model.shape, compressed.factors(name))
+        return stacked_adapter(shape, compressed.factors(name))
     return Version(Path(folder).name, weights, errors)
 
 
