@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-kernels": ("lorabench.kernelbench.bench_kernels", "time every strategy's LoRA kernels over batch sizes x adapters"),
     "adapters": ("lorabench.adapters.cli", "synthesize a PEFT adapter collection (synth) or check one (info)"),
     "compress": ("lorabench.compress.cli", "jointly compress an adapter collection (full, diagonal, svd; clusters)"),
+    "eval": ("lorabench.quality.cli", "loss, KL and top-1 agreement of adapters and their compressed versions on a "
+             "base model (a preset or a Hugging Face checkpoint folder) -> DIR/eval.csv"),
     "run": ("lorabench.experiments.run", "serve a workload with every strategy and compare it with single-LoRA serving"),
     "profile": ("lorabench.fidelity.profile", "measure the real decoder's step times on this device and calibrate the cost model"),
     "validate": ("lorabench.fidelity.validate", "run measured and modeled executors on one request stream; print their relative errors"),

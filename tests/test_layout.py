@@ -23,6 +23,7 @@ LAYERS = (
     ("inputs", ("lorabench.workload", "lorabench.traces", "lorabench.strategies", "lorabench.adapters")),
     ("core", ("lorabench.compress", "lorabench.model", "lorabench.sim")),
     ("outputs", ("lorabench.outputs",)),
+    ("evaluation", ("lorabench.quality",)),
     ("experiments", ("lorabench.experiments",)),
     ("tools", ("lorabench.fidelity", "lorabench.kernelbench")),
     ("commands", ("lorabench.cli", "lorabench.__main__")),

@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full R x R cores, diagonal cores, or per-adapter SVD (default full)")
     parser.add_argument("--clusters", type=_clusters, default=1,
                         help="groups of adapters with their own bases, or 'auto' (default: %(default)s)")
+    parser.add_argument("--cluster-by", default="module", choices=["module", "adapter"],
+                        help="module: each module groups the adapters on its own (default); adapter: one group per "
+                             "adapter across all its modules, from every module's evidence")
     parser.add_argument("--target-error", type=float, default=0.6,
                         help="with --clusters auto: mean relative error to reach (default 0.6)")
     parser.add_argument("--memory-budget", type=float, default=None,
@@ -96,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
         raise LorabenchError("--memory-budget applies to --clusters auto")
     config = CompressConfig(
         rank=args.rank, method=args.method, clusters=args.clusters, target_error=args.target_error,
-        normalize=args.normalize, tol=args.tol, max_iter=args.max_iter, seed=args.seed,
+        normalize=args.normalize, tol=args.tol, max_iter=args.max_iter, seed=args.seed, cluster_by=args.cluster_by,
     )
     collection = load_collection(args.source, model=args.model)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

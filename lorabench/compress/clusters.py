@@ -93,13 +93,20 @@ def fit_clusters(
     max_iter: int = 50,
     max_rounds: int = 20,
     seed: int = 0,
+    assignment: torch.Tensor | None = None,
 ) -> ModuleFit:
-    """Compress one module's adapters into k groups (k = 1: one shared pair of bases)."""
+    """Compress one module's adapters into k groups (k = 1: one shared pair of bases). With
+    `assignment` (a group per adapter, e.g. from whole-adapter clustering) the groups are fitted
+    as given, no adapter moves."""
     fit, project = METHODS[method]
     norms2, w = stack.norms2().cpu(), w.cpu()  # per-adapter bookkeeping on the CPU, fits on the stack's device
     if not 1 <= k <= stack.n:
         raise ValueError(f"clusters must be in 1..{stack.n} (the number of adapters), got {k}")
-    assignment = torch.zeros(stack.n, dtype=torch.long) if k == 1 else _kmeanspp_assignment(stack, rank, k, norms2, seed)
+    fixed = assignment is not None
+    if fixed:
+        assignment = torch.as_tensor(assignment, dtype=torch.long).cpu()
+    else:
+        assignment = torch.zeros(stack.n, dtype=torch.long) if k == 1 else _kmeanspp_assignment(stack, rank, k, norms2, seed)
     inits: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * k
     history: list[float] = []
 
@@ -114,7 +121,7 @@ def fit_clusters(
     for _ in range(max_rounds):
         groups = fit_groups()
         history.append(sum(float((w[assignment == g].double() * gf.err.cpu()).sum()) for g, gf in enumerate(groups)))
-        if k == 1:
+        if k == 1 or fixed:
             break
         err = torch.stack([project(stack, gf.U, gf.V)[1].cpu() for gf in groups], dim=1)  # (n, k)
         current = err.gather(1, assignment[:, None]).squeeze(1)

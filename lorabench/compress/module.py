@@ -27,6 +27,7 @@ class CompressConfig:
     max_iter: int = 50
     max_rounds: int = 20
     seed: int = 0
+    cluster_by: str = "module"  # module: each module clusters its adapters; adapter: one group per adapter
 
     def __post_init__(self) -> None:
         if self.method not in (*METHODS, "svd"):
@@ -37,6 +38,10 @@ class CompressConfig:
             raise LorabenchError(f"--clusters must be a positive integer or 'auto', got {self.clusters!r}")
         if self.method == "svd" and self.clusters != 1:
             raise LorabenchError("--method svd compresses each adapter alone; it takes no --clusters")
+        if self.cluster_by not in ("module", "adapter"):
+            raise LorabenchError(f"--cluster-by must be module or adapter, got {self.cluster_by!r}")
+        if self.cluster_by == "adapter" and (self.clusters == "auto" or self.method == "svd"):
+            raise LorabenchError("--cluster-by adapter takes a number of --clusters and method full or diagonal")
         if not 0 < self.target_error <= 1:
             raise LorabenchError(f"--target-error must be in (0, 1], got {self.target_error}")
         if not 0 <= self.tol < 1:
@@ -71,9 +76,11 @@ def compress_module(
     weights: torch.Tensor | None = None,
     max_bytes: int | None = None,
     element_size: int = 4,
+    assignment: torch.Tensor | None = None,
 ) -> ModuleFit:
     """Compress one module. With clusters="auto": K = 1, 2, 4, ... until the mean relative error
-    meets config.target_error (or K reaches its memory cap), then bisection for the smallest such K."""
+    meets config.target_error (or K reaches its memory cap), then bisection for the smallest such K.
+    `assignment`: the adapters' groups, fixed (whole-adapter clustering, `cluster_adapters`)."""
     if config.rank > min(stack.d_in, stack.d_out):
         raise LorabenchError(f"--rank {config.rank} exceeds the module's size {stack.d_out} x {stack.d_in}")
     if config.clusters != "auto" and config.clusters > stack.n:
@@ -85,7 +92,7 @@ def compress_module(
     def run(k: int) -> ModuleFit:
         return fit_clusters(
             stack, config.rank, k, w, method=config.method, tol=config.tol, max_iter=config.max_iter,
-            max_rounds=config.max_rounds, seed=config.seed,
+            max_rounds=config.max_rounds, seed=config.seed, assignment=assignment,
         )
 
     if config.clusters != "auto":

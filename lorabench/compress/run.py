@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from lorabench.adapters.collection import AdapterCollection, adapter_folders, hash_adapter
 from lorabench.compress.collection import FORMAT, METADATA_FILE, MODULES_DIR, VERSION, CompressedCollection
-from lorabench.compress.fit import ModuleFit
+from lorabench.compress.adapter_clusters import cluster_adapters
+from lorabench.compress.fit import ModuleFit, resolve_weights
 from lorabench.compress.module import CompressConfig, compress_module
 from lorabench.compress.report import ERRORS_FILE, error_rows, summarize, summary_table, write_reports
 from lorabench.errors import LorabenchError
@@ -101,6 +102,13 @@ def compress_collection(
     w = _weights(collection, weights)
     hashes = collection.hashes(progress)
     sizes = {k: sum(collection.shapes[k]) for k in collection.modules}
+    assignment = None
+    if config.cluster_by == "adapter":  # one group per adapter, from every module's evidence, before any module is fitted
+        assignment = cluster_adapters(
+            lambda key: collection.load_module(key, dtype=compute_dtype, device=device), collection.modules,
+            config.rank, int(config.clusters), config.method,
+            lambda stack: resolve_weights(stack.norms2(), w, config.normalize), tol=config.tol,
+            max_iter=config.max_iter, max_rounds=config.max_rounds, seed=config.seed)
     records, frames = [], []
     with atomic_dir(out) as tmp:
         (tmp / MODULES_DIR).mkdir()
@@ -111,7 +119,7 @@ def compress_collection(
             d_in, d_out = collection.shapes[key]
             stack = collection.load_module(key, dtype=compute_dtype, device=device)
             max_bytes = None if memory_budget is None else int(memory_budget * sizes[key] / sum(sizes.values()))
-            fit = compress_module(stack, config, w, max_bytes=max_bytes, element_size=element_size)
+            fit = compress_module(stack, config, w, max_bytes=max_bytes, element_size=element_size, assignment=assignment)
             _save_module(tmp, key.name, fit.U, fit.V, fit.S, fit.cluster_of, dtype)
             ranks = sum(r[key] for r in collection.ranks)
             records.append(
@@ -128,6 +136,8 @@ def compress_collection(
             "dtype": str(dtype).removeprefix("torch."), "compute_dtype": str(compute_dtype).removeprefix("torch."),
             "device": device,
         }
+        if config.cluster_by != "module":  # named only when set: default outputs stay as they were
+            settings["cluster_by"] = config.cluster_by
         metadata = {
             "format": FORMAT, "version": VERSION, **settings, "scaling": SCALING_NOTE,
             "source": str(collection.root),

@@ -5,6 +5,8 @@ helper's `load_collection`) as `AdapterWeights`, scaling folded into B, per-laye
 the adapter's largest with zero rows (the product is unchanged).
 `compressed_weights(folder, shape, modules, n)`: a collection written by `lorabench compress`, its
 per-(layer, module) bases, S_i and clusters stacked over layers (clusters padded to the largest K).
+`stacked_adapter(shape, factors, scalings)`: one adapter's per-(layer, module) factors as
+`AdapterWeights` (the layout `peft_adapters` builds), layers it does not adapt left at zero.
 """
 
 from __future__ import annotations
@@ -43,19 +45,27 @@ def peft_adapters(folder, shape: ModelShape, modules, n: int) -> list[AdapterWei
     out = []
     for i in range(n):
         adapter = coll.adapters[i]
-        rank = max(coll.ranks[i][(ModuleKey(layer, m))] for layer in range(shape.layers) for m in modules)
-        weights = {}
-        for m in modules:
-            d_in, d_out = shape.module_shape(m)
-            A, B = torch.zeros(shape.layers, rank, d_in), torch.zeros(shape.layers, d_out, rank)
-            for layer in range(shape.layers):
-                key = ModuleKey(layer, m)
-                a, b = read_module(Path(adapter.folder), key)
-                A[layer, : a.shape[0]] = a.float()
-                B[layer, :, : b.shape[1]] = b.float() * adapter.config.scaling(key)
-            weights[m] = (A, B)
-        out.append(AdapterWeights(rank, 1.0, weights))
+        keys = [ModuleKey(layer, m) for m in modules for layer in range(shape.layers)]
+        factors = {key: read_module(Path(adapter.folder), key) for key in keys}
+        out.append(stacked_adapter(shape, factors, {key: adapter.config.scaling(key) for key in keys}))
     return out
+
+
+def stacked_adapter(shape: ModelShape, factors: dict, scalings: dict | None = None) -> AdapterWeights:
+    """`factors` {ModuleKey: (A (r, d_in), B (d_out, r))} of one adapter as AdapterWeights: per module
+    A (layers, rank, d_in) and B (layers, d_out, rank) in float32, B times its scaling (default 1),
+    rank the adapter's largest (smaller ranks and layers without factors padded with zeros)."""
+    rank = max(a.shape[0] for a, _ in factors.values())
+    weights = {}
+    for m in dict.fromkeys(key.module for key in factors):  # modules in the order given
+        d_in, d_out = shape.module_shape(m)
+        A, B = torch.zeros(shape.layers, rank, d_in), torch.zeros(shape.layers, d_out, rank)
+        for key, (a, b) in factors.items():
+            if key.module == m:
+                A[key.layer, : a.shape[0]] = a.float()
+                B[key.layer, :, : b.shape[1]] = b.float() * (1.0 if scalings is None else scalings[key])
+        weights[m] = (A, B)
+    return AdapterWeights(rank, 1.0, weights)
 
 
 def compressed_weights(folder, shape: ModelShape, modules, n: int) -> CompressedWeights:
