@@ -55,6 +55,7 @@ class Efficiency:
     lora_segment_token_s: float = 0.70e-9  # per (segment x token of the batch) per module
     lora_empty_slot_s: float = 0.07e-6  # per-lora default grid: per unused resident slot per module
     paged_gather: float = 1.10  # paged kernels vs per-lora ones (page-table gather); assumed, not measured
+    lora_memory: float = 0.90  # LoRA shrink and expand kernels, fraction of mem_bandwidth (default: as `memory`)
     step_overhead_s: float = 0.0  # host-side scheduling and sampling per step (CUDA graphs: ~0)
     # Overall corrections a profile may fit (measured / modeled), applied to every step and load.
     step_scale: float = 1.0
@@ -145,6 +146,7 @@ class ModeledExecutor:
         self._kernel_s = device.launch_overhead_s  # fixed cost of one base-model kernel
         self._flops_rate = device.bf16_flops * self.eff.gemm_flops
         self._byte_rate = device.mem_bandwidth * self.eff.memory
+        self._lora_byte_rate = device.mem_bandwidth * self.eff.lora_memory
         self._attention_flops_rate = device.bf16_flops * self.eff.attention_flops
         self._attention_byte_rate = device.mem_bandwidth * self.eff.attention_memory
         h, kv, inter = model.hidden, model.kv_dim, model.intermediate
@@ -164,8 +166,8 @@ class ModeledExecutor:
 
     # --- roofline pieces ------------------------------------------------------------------
 
-    def _kernel(self, flops: float, nbytes: float, fixed: float) -> float:
-        return max(flops / self._flops_rate, nbytes / self._byte_rate) + fixed
+    def _kernel(self, flops: float, nbytes: float, fixed: float, byte_rate: float | None = None) -> float:
+        return max(flops / self._flops_rate, nbytes / (byte_rate or self._byte_rate)) + fixed
 
     def _gemm(self, m: int, d_in: int, d_out: int, fixed: float, weight_copies: float = 1.0) -> float:
         """y (m x d_out) = x (m x d_in) @ W^T, reading W `weight_copies` times."""
@@ -266,9 +268,10 @@ class ModeledExecutor:
         total = 0.0
         for d_in, d_out in self._modules:
             # shrink reads x and the A of every segment; expand reads the B's and adds into y
-            shrink = self._kernel(2.0 * m * d_in * rank, b * (rank_sum * d_in + m * (d_in + rank)), e.lora_kernel_s)
+            shrink = self._kernel(2.0 * m * d_in * rank, b * (rank_sum * d_in + m * (d_in + rank)), e.lora_kernel_s,
+                                  self._lora_byte_rate)
             expand = self._kernel(2.0 * m * rank * d_out, b * (rank_sum * d_out + m * (rank + 2 * d_out)),
-                                  e.lora_kernel_s)
+                                  e.lora_kernel_s, self._lora_byte_rate)
             grid = segments * (e.lora_segment_s + m * e.lora_segment_token_s)
             if strategy == "per-lora":
                 unused = max(self.lora.resident_slots + 1 - segments, 0)
