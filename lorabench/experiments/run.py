@@ -15,6 +15,7 @@ from lorabench.experiments.runner import EXECUTORS, KV_POLICIES, Experiment, Run
 from lorabench.outputs.results import default_run_dir
 from lorabench.presets import DEVICES, MODEL_HELP
 from lorabench.sim.cluster import ROUTERS
+from lorabench.sim.engine_model import ENGINES
 from lorabench.sim.memory import EVICTION_POLICIES
 from lorabench.strategies import parse_strategies
 from lorabench.workload import builtin_workloads
@@ -61,6 +62,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eager", action="store_true", help="measured: no CUDA graphs for decode steps")
     p.add_argument("--profile", help="profile JSON replacing device figures and cost-model efficiencies (default: "
                    "results/profiles/<device>-<model>.json when it exists)")
+    p.add_argument("--engine", default="ideal", choices=ENGINES,
+                   help="what the serving engine adds to the kernels and how it schedules: ideal (no host time, "
+                   "no reserved memory) or vllm-v1 (vLLM 0.8.5's V1 engine with fitted terms) (default: %(default)s)")
+    p.add_argument("--engine-profile", metavar="FILE",
+                   help="--engine vllm-v1: a fitted engine JSON from `lorabench calibrate` (default: the shipped "
+                   "results/engines/vllm-0.8.5-h100-64gb.json)")
     p.add_argument("--requests", type=int, help="number of requests (overrides the workload)")
     p.add_argument("--rate", type=float, help="arrival rate, requests/s (overrides the workload)")
     p.add_argument("--duration", type=float, help="stop arrivals after this many seconds")
@@ -111,7 +118,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         workload=args.workload, n_loras=args.n_loras, rate=args.rate, requests=args.requests,
         duration=args.duration, seed=args.seed, alpha=args.alpha, ranks=args.rank,
         strategies=parse_strategies(args.strategy), model=args.model, device=args.device,
-        executor=args.executor or default_executor(), profile=args.profile or found_profile(args),
+        executor=args.executor or default_executor(),
+        profile=args.profile or (found_profile(args) if args.engine == "ideal" else None),
         adapters=args.adapters, compressed=args.compressed, torch_device=args.torch_device,
         cuda_graphs=not args.eager, gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, chunked_prefill=args.chunked_prefill,
@@ -120,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         affinity_slack=args.affinity_slack, eviction=args.eviction, pin_hot=args.pin_hot,
         time_scale=args.time_scale, trace_window=args.trace_window,
         ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms, save_detailed=args.save_detailed,
+        engine=args.engine, engine_profile=args.engine_profile,
     )
 
 
@@ -159,7 +168,7 @@ def main(args: argparse.Namespace) -> int:
         for field in ("n_loras", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "max_loras",
                       "max_cpu_loras", "ttft_slo_ms", "tpot_slo_ms", "requests", "rate", "duration", "alpha", "ranks",
                       "time_scale", "trace_window", "pin_hot", "replicas",
-                      "affinity_slack"):
+                      "affinity_slack", "engine_profile"):
             if msg.startswith(field + " "):
                 flag = "--rank" if field == "ranks" else "--" + field.replace("_", "-")
                 msg = flag + msg[len(field):]
@@ -208,6 +217,20 @@ def starved_per_lora_hint(plan, config: RunConfig, n_loras: int) -> list[str]:
             "deployment with this few adapters would."]
 
 
+def engine_note(exp: Experiment, plan) -> list[str]:
+    """What the vllm-v1 engine added, when it ran."""
+    engine = exp.engine.engine
+    if not engine.v1:
+        return []
+    reserved = engine.reserved_bytes(exp.model, exp.config.max_num_batched_tokens, exp.config.max_num_seqs)
+    return [f"Engine vllm-v1 ({exp.engine.source}): vLLM V1's whole-queue admission and preemption rule, "
+            f"{reserved / 2**30:.2f} GiB kept for activations and the sampler, LoRA slots of "
+            f"{engine.lora_slot_bytes(exp.model, int(exp.ranks.max())) / 2**20:.0f} MiB (every linear layer), and "
+            f"per step {engine.step_s * 1e3:.2f} ms + {engine.request_s * 1e6:.1f} us per request + "
+            f"{engine.adapter_s * 1e3:.2f} ms per distinct adapter + {engine.waiting_scan_s * 1e6:.2f} us per "
+            f"waiting request walked of host time."]
+
+
 def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
     """What the table shows, in words a newcomer can follow."""
     first = summary.iloc[0]
@@ -234,6 +257,7 @@ def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
         "adapter copies; hit rate: requests that found their adapter on the GPU (no copy made for them); batch, "
         "distinct: mean requests and distinct adapters per step.",
         *starved_per_lora_hint(plan, config, int(first["n_loras"])),
+        *engine_note(exp, plan),
         "Below saturation every strategy finishes the same work and differs in latency; --workload offline "
         "measures peak throughput.",
         f"Results: {out}/ (summary.csv, requests/, steps/, bench/ as vllm bench serve writes results, config.json)",

@@ -34,6 +34,7 @@ from lorabench.presets import DeviceSpec, ModelShape, device_preset, model_prese
 from lorabench.sim.cluster import ROUTERS, Cluster, Router
 from lorabench.sim.costmodel import Efficiency, LoraSetup, apply_profile, load_profile
 from lorabench.sim.engine import Replica, RunResult, SimulationStuck
+from lorabench.sim.engine_model import ENGINES, EngineExecutor, EngineFile, resolve_engine
 from lorabench.sim.executor import Executor
 from lorabench.sim.memory import EVICTION_POLICIES, MemoryPlan, kv_bytes_per_token, plan_memory
 from lorabench.sim.metrics import (
@@ -89,6 +90,8 @@ class RunConfig:
     ttft_slo_ms: float = 2000.0
     tpot_slo_ms: float = 100.0
     save_detailed: bool | None = None  # bench/*.json per-request arrays: None = only for small runs (bench_json.py)
+    engine: str = "ideal"  # what the serving engine adds and decides: ideal, or vllm-v1 (sim/engine_model.py)
+    engine_profile: str | None = None  # vllm-v1: a fitted engine JSON (None: the shipped results/engines/ one)
 
     def __post_init__(self) -> None:
         strategies = tuple(self.strategies)
@@ -127,6 +130,8 @@ class RunConfig:
             ("executor", self.executor in EXECUTORS, f"one of {', '.join(EXECUTORS)}"),
             ("ttft_slo_ms", self.ttft_slo_ms > 0, "> 0"),
             ("tpot_slo_ms", self.tpot_slo_ms > 0, "> 0"),
+            ("engine", self.engine in ENGINES, f"one of {', '.join(ENGINES)}"),
+            ("engine_profile", self.engine_profile is None or self.engine == "vllm-v1", "given only with engine vllm-v1"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -169,11 +174,22 @@ def _executor_factory(name: str):
         raise
 
 
-def _resolve_device(config: RunConfig) -> DeviceSpec:
+def kernel_profile(config: RunConfig, engine: EngineFile) -> str | None:
+    """Where the modeled executor's device figures and kernel factors come from: --profile, or a
+    vllm-v1 engine file that was fitted on this device (its figures were fitted with its terms)."""
+    if engine.engine.v1 and engine.fit.get("device") == config.device and (engine.device or engine.efficiency):
+        if config.profile is not None:
+            raise LorabenchError(f"--profile {config.profile}: engine file {engine.source} holds the {config.device} "
+                                 "figures it was fitted with; give one of the two")
+        return engine.source
+    return config.profile
+
+
+def _resolve_device(config: RunConfig, profile: str | None) -> DeviceSpec:
     """The device preset, with a profile's device figures applied."""
     device = device_preset(config.device)
-    if config.profile is not None:
-        device, _ = apply_profile(load_profile(config.profile), device, Efficiency())
+    if profile is not None:
+        device, _ = apply_profile(load_profile(profile), device, Efficiency())
     return device
 
 
@@ -192,24 +208,28 @@ class Experiment:
     device: DeviceSpec
     ranks: np.ndarray  # rank of every adapter
     clusters: np.ndarray  # cluster of every adapter (compressed)
+    engine: EngineFile  # the serving engine's terms (ideal: none)
 
     @classmethod
     def build(cls, config: RunConfig) -> "Experiment":
         workload = config.load_workload()
         requests = workload.generate()
+        engine = resolve_engine(config.engine, config.engine_profile)
         longest = int(requests.prompt_tokens.max()) if len(requests) else 0
-        if not config.chunked_prefill and longest > config.max_num_batched_tokens:
+        if not (config.chunked_prefill or engine.engine.v1) and longest > config.max_num_batched_tokens:
             raise LorabenchError(
                 f"max_num_batched_tokens ({config.max_num_batched_tokens}) is below the longest prompt of workload "
                 f"{workload.source} ({longest} tokens): raise it or enable chunked prefill"
             )
-        return cls(config, workload, requests, model_preset(config.model), _resolve_device(config),
-                   workload.adapter_ranks(), workload.adapter_clusters())
+        return cls(config, workload, requests, model_preset(config.model),
+                   _resolve_device(config, kernel_profile(config, engine)), workload.adapter_ranks(),
+                   workload.adapter_clusters(), engine)
 
     def strategy(self, name: str) -> Strategy:
         ad = self.workload.adapters
-        return build_strategy(name, self.model, self.ranks, ad.target_modules, ad.compressed_rank, ad.clusters,
-                              packed=self.config.packed_adapters)
+        built = build_strategy(name, self.model, self.ranks, ad.target_modules, ad.compressed_rank, ad.clusters,
+                               packed=self.config.packed_adapters)
+        return self.engine.engine.sized_strategy(built, self.model, self.ranks)
 
     def plan(self, strategy: Strategy) -> MemoryPlan:
         """The strategy's share of the fair budget; per-lora slots default to the compressed
@@ -217,8 +237,9 @@ class Experiment:
         compressed = self.strategy("compressed")
         cfg = self.config
         matched = compressed.shared_bytes + compressed.total_adapter_bytes
+        reserved = self.engine.engine.reserved_bytes(self.model, cfg.max_num_batched_tokens, cfg.max_num_seqs)
         return plan_memory(strategy, self.model.params * 2, self.device.memory_bytes, cfg.gpu_memory_utilization,
-                           self.workload.n_loras, cfg.max_loras, matched)
+                           self.workload.n_loras, cfg.max_loras, matched, reserved)
 
     def pinned(self, strategy: Strategy, plan: MemoryPlan) -> tuple[int, ...]:
         """The adapters `pin_hot` keeps on the GPU: those with the most requests in the stream (ties:
@@ -244,14 +265,20 @@ class Experiment:
         plan = self.plan(strategy)
         if plan.status != "ok":
             raise StrategyUnavailable(plan.status)
-        lora = LoraSetup(name, self.ranks, ad.target_modules, ad.compressed_rank, self.clusters, plan.slots)
+        engine = self.engine.engine
+        lora = LoraSetup(name, self.ranks, engine.lora_modules(name, ad.target_modules), ad.compressed_rank,
+                         self.clusters, plan.slots)
+        kernels = dataclasses.replace(cfg, profile=kernel_profile(cfg, self.engine))
 
         def replica(**where) -> Replica:
             sched = SchedulerConfig(
                 max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                chunked_prefill=cfg.chunked_prefill, block_size=cfg.block_size, kv_policy=cfg.kv_policy,
+                chunked_prefill=cfg.chunked_prefill or engine.v1, block_size=cfg.block_size,
+                kv_policy="preempt" if engine.v1 else cfg.kv_policy, vllm_v1=engine.v1, ingress_s=engine.ingress_s,
             )
-            runs = executor or _executor_factory(cfg.executor)(cfg, self.model, self.device, lora)
+            runs = executor or _executor_factory(cfg.executor)(kernels, self.model, self.device, lora)
+            if engine.v1:
+                runs = EngineExecutor(runs, engine)
             return Replica(self.requests if not where else Requests.empty(), strategy, plan, runs, sched,
                            kv_bytes_per_token(self.model.layers, self.model.kv_dim), cfg.max_cpu_loras,
                            cfg.storage_bandwidth, progress=progress, eviction=cfg.eviction,
