@@ -19,7 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compress": ("lorabench.compress.cli", "jointly compress an adapter collection (full, diagonal, svd; clusters)"),
     "run": ("lorabench.experiments.run", "serve a workload with every strategy and compare it with single-LoRA serving"),
     "profile": ("lorabench.fidelity.profile", "measure the real decoder's step times on this device and calibrate the cost model"),
-    "validate": ("lorabench.fidelity.validate", "run measured and modeled executors on one request stream; print their relative errors"),
+    "validate": ("lorabench.fidelity.validate", "run measured and modeled executors on one request stream; print their "
+                 "relative errors (--real: a fitted engine against measured serving runs)"),
+    "calibrate": ("lorabench.fidelity.calibrate", "fit the vllm-v1 engine's terms to measured serving runs -> an engine "
+                  "JSON (--cv K: with a cross-validated report)"),
     "compare": ("lorabench.outputs.compare", "put a `vllm bench serve` result JSON beside a lorabench run of the same settings"),
     "sweep": ("lorabench.experiments.sweep", "run every strategy over a grid of adapter counts (resumable) -> DIR/sweep.csv"),
     "capacity": ("lorabench.experiments.capacity", "the highest request rate each strategy sustains within the SLOs, per adapter "

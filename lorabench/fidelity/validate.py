@@ -20,16 +20,30 @@ from lorabench.experiments.runner import RunConfig, run_experiment
 from lorabench.outputs.results import default_run_dir, write_json_atomic
 from lorabench.presets import device_name
 from lorabench.sim.costmodel import find_profile
+from lorabench.sim.engine_model import ENGINES
 from lorabench.sim.measured import torch_device
 
 METRICS = (("output_throughput", "tok/s"), ("ttft_mean_ms", "TTFT mean ms"), ("tpot_mean_ms", "TPOT mean ms"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from lorabench.experiments.points import add_backend_arguments
     from lorabench.experiments.run import add_arguments as run_arguments
 
     run_arguments(p)  # the same flags as `lorabench run`; --executor and --device are set here
-    p.set_defaults(model="mistral-7b" if torch.cuda.is_available() else "tiny")
+    p.set_defaults(model=None, device=None)  # measured vs modeled: the defaults below; --real: required
+    engine = next(a for a in p._actions if a.dest == "engine")
+    engine.choices, engine.default = None, None
+    engine.help = ("with --real: the engine to validate: a fitted engine JSON (`lorabench calibrate`), vllm-v1 "
+                   "(the shipped one) or ideal; without: ideal or vllm-v1, as for `lorabench run`")
+    p.add_argument("--real", nargs="+", metavar="FILE",
+                   help="validate an engine against measured serving runs instead: a runs .csv and/or `vllm bench "
+                   "serve` .json files (each with its settings .toml); writes --out DIR/validation.csv, errors.csv, "
+                   "validation.png")
+    p.add_argument("--window", type=float, help="--real: seconds of arrivals replayed per run (default: its duration)")
+    p.add_argument("--client-max-inflight", default="auto",
+                   help="--real: requests the runs' client kept open at most: a number, none, or auto (default)")
+    add_backend_arguments(p, "replays", jobs=False)
 
 
 def fidelity(measured: pd.DataFrame, modeled: pd.DataFrame) -> pd.DataFrame:
@@ -83,6 +97,15 @@ def format_table(table: pd.DataFrame) -> str:
 def main(args: argparse.Namespace) -> int:
     from lorabench.experiments.run import config_from_args
 
+    if args.real:
+        from lorabench.fidelity.validate_real import main as validate_real
+
+        return validate_real(args)
+    args.model = args.model or ("mistral-7b" if torch.cuda.is_available() else "tiny")
+    args.device = args.device or "h200"
+    args.engine = args.engine or "ideal"
+    if args.engine not in ENGINES:
+        raise LorabenchError(f"--engine {args.engine}: choose one of {', '.join(ENGINES)} (engine files: with --real)")
     args.executor = "measured"
     config = config_from_args(args)
     workload = config.load_workload()
