@@ -248,7 +248,8 @@ def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
         f"{kind}: {first['model']} on {gpus}, {int(first['requests'])} requests of workload "
         f"{first['workload']} over {int(first['n_loras'])} adapters, the same stream for every strategy.",
         f"Every strategy had the same GPU budget for adapters + KV cache: {plan.budget / 2**30:.1f} GiB "
-        f"({config.gpu_memory_utilization:g} x device memory - {plan.weights / 2**30:.1f} GiB of weights). "
+        f"({config.gpu_memory_utilization:g} x device memory - {plan.weights / 2**30:.1f} GiB of weights"
+        f"{' - what the engine keeps' if exp.engine.engine.v1 else ''}). "
         f"per-lora got {plan.slots} adapter slots (= distinct adapters per batch), {slots}; compressed shares "
         f"rank-{ad.compressed_rank} bases over {ad.clusters} cluster(s).",
         "tok/s: output tokens per second; vs single: that over the single-LoRA baseline (every request on one "

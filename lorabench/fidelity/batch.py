@@ -85,6 +85,10 @@ def simulate(point: Point):
     return result
 
 
+# Replays simulated and found in the cache by this process so far (calibrate reports them)
+TALLY = {"simulated": 0, "cached": 0}
+
+
 def simulate_runs(runs: list[RealRun], server: Server, settings: ReplaySettings | list[ReplaySettings], backend: Backend,
                   cache: Path | None, traced: bool = False, desc: str = "replays", progress: bool = True) -> list:
     """Replay every run on `server` (with `settings`, or each run with its own); results in the
@@ -93,6 +97,9 @@ def simulate_runs(runs: list[RealRun], server: Server, settings: ReplaySettings 
         cache.mkdir(parents=True, exist_ok=True)
     each = settings if isinstance(settings, list) else [settings] * len(runs)
     points = [Point(run, server, s, traced, None if cache is None else str(cache)) for run, s in zip(runs, each)]
+    cached = sum(cache is not None and (cache / f"{cache_key(p)}.pkl").is_file() for p in points)
+    TALLY["cached"] += cached
+    TALLY["simulated"] += len(points) - cached
     results: list = [None] * len(points)
     index = {id(p): i for i, p in enumerate(points)}
     with tqdm(total=len(points), desc=desc, unit="run", disable=not progress) as bar:

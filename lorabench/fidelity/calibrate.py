@@ -50,7 +50,7 @@ from scipy.optimize import least_squares
 from lorabench import __version__
 from lorabench.errors import LorabenchError
 from lorabench.experiments.points import add_backend_arguments, backend_from_args
-from lorabench.fidelity.batch import Server, simulate_runs
+from lorabench.fidelity.batch import TALLY, Server, simulate_runs
 from lorabench.fidelity.real_runs import RealRun, read_real, saturated
 from lorabench.fidelity.replay import ReplaySettings
 from lorabench.fidelity.surrogate import FIT_TERMS, log_errors, terms_of
@@ -212,6 +212,7 @@ def main(args: argparse.Namespace) -> int:
         "device": device.name, "model": model.name, "runs": [str(p) for p in args.real], "n_runs": len(runs),
         "window_s": args.window, "seed": args.seed, "passes": args.passes, "client_max_inflight": client,
         "memory": memory, "history": history, "fit_seconds": round(time.time() - started, 1),
+        "replays": dict(TALLY),  # simulated here, or found in the cache from an earlier run
         "load_average": os.getloadavg(), "command": "lorabench " + " ".join(sys.argv[1:]),
         "lorabench_version": __version__, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lorabench.fidelity.batch import Server, simulate_runs
+from lorabench.fidelity.batch import TALLY, Server, simulate_runs
 from lorabench.fidelity.real_runs import METRICS, RealRun, saturated
 from lorabench.fidelity.replay import ReplaySettings
 from lorabench.outputs.results import write_csv_atomic, write_text_atomic
@@ -174,8 +174,11 @@ on the same runs; runs grouped by whether they were saturated as measured.
 {side_by_side(ideal, fitted)}
 
 Fitted on {engine.fit['n_runs']} runs ({', '.join(engine.fit['runs'])}), {engine.fit['model']} on
-{engine.fit['device']}; the fit took {engine.fit['fit_seconds']:.0f} s, the cross-validation
-{seconds:.0f} s more (load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end), with:
+{engine.fit['device']}; the fit took {engine.fit['fit_seconds']:.0f} s ({engine.fit['replays']['simulated']}
+replays simulated, {engine.fit['replays']['cached']} from the cache; load average
+{', '.join(f'{x:.1f}' for x in engine.fit['load_average'])} at its end on this machine's
+{os.cpu_count()} cores), the cross-validation {seconds:.0f} s more ({TALLY['simulated']} replays in all, load
+average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end), with:
 
     {engine.fit['command']}
 
