@@ -71,6 +71,7 @@ def charts(table: pd.DataFrame, folder: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(2, 4, figsize=(16, 8))
     for ax, m in zip(axes.flat, METRICS):
@@ -84,6 +85,8 @@ def charts(table: pd.DataFrame, folder: Path) -> list[Path]:
             ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):  # decades only: minor labels overlap on short ranges
+                axis.set_minor_formatter(NullFormatter())
         ax.set_title(m)
         ax.set_xlabel("real")
         ax.set_ylabel("predicted")
