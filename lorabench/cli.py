@@ -31,7 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "base model (a preset or a Hugging Face checkpoint folder) -> DIR/eval.csv"),
     "run": ("lorabench.experiments.run", "serve a workload with every strategy and compare it with single-LoRA serving"),
     "profile": ("lorabench.fidelity.profile", "measure the real decoder's step times on this device and calibrate the cost model"),
-    "validate": ("lorabench.fidelity.validate", "run measured and modeled executors on one request stream; print their relative errors"),
+    "validate": ("lorabench.fidelity.validate", "run measured and modeled executors on one request stream; print their "
+                 "relative errors (--real: a fitted engine against measured serving runs)"),
+    "calibrate": ("lorabench.fidelity.calibrate", "fit the vllm-v1 engine's terms to measured serving runs -> an engine "
+                  "JSON (--cv K: with a cross-validated report)"),
     "fidelity": ("lorabench.fidelity.vidur_table", "the cost model's per-layer error against Vidur-format per-operation measurements"),
     "step": ("lorabench.experiments.step", "the modeled time of one serving step and its breakdown (weights, attention, LoRA, "
              "communication, overheads)"),

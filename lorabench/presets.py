@@ -44,6 +44,7 @@ class ModelShape:
     qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
     tied_embeddings: bool = False  # lm_head shares the input embedding's weights
     max_context: int = 4096  # tokens of prompt + output the checkpoint supports (max_position_embeddings)
+    architecture: str = "LlamaForCausalLM"  # the Hugging Face class (serving engines wrap layers by it)
     head_dim: int = field(init=False)
     kv_dim: int = field(init=False)
 
@@ -103,7 +104,7 @@ MODELS: dict[str, ModelShape] = {
         ModelShape("llama-7b", hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32000),
         ModelShape(
             "mistral-7b", hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=32000,
-            rope_theta=1e6, max_context=32768,
+            rope_theta=1e6, max_context=32768, architecture="MistralForCausalLM",
         ),
         ModelShape("llama-13b", hidden=5120, layers=40, heads=40, kv_heads=40, intermediate=13824, vocab=32000),
         # From the checkpoints' config.json (meta-llama/Llama-3.1-8B and -70B, Qwen/Qwen2.5-7B and -72B;
@@ -119,11 +120,11 @@ MODELS: dict[str, ModelShape] = {
         ),
         ModelShape(
             "qwen2.5-7b", hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152064,
-            rope_theta=1e6, norm_eps=1e-6, qkv_bias=True, max_context=32768,
+            rope_theta=1e6, norm_eps=1e-6, qkv_bias=True, max_context=32768, architecture="Qwen2ForCausalLM",
         ),
         ModelShape(
             "qwen2.5-72b", hidden=8192, layers=80, heads=64, kv_heads=8, intermediate=29568, vocab=152064,
-            rope_theta=1e6, norm_eps=1e-6, qkv_bias=True, max_context=32768,
+            rope_theta=1e6, norm_eps=1e-6, qkv_bias=True, max_context=32768, architecture="Qwen2ForCausalLM",
         ),
     )
 }
@@ -183,7 +184,7 @@ def shape_from_hf_config(path: str | Path) -> ModelShape:
         vocab=field_of("vocab_size", int), rope_theta=field_of("rope_theta", float, 10000.0),
         norm_eps=field_of("rms_norm_eps", float, 1e-6), qkv_bias=qkv_bias,
         tied_embeddings=field_of("tie_word_embeddings", bool, False),
-        max_context=field_of("max_position_embeddings", int, 4096),
+        max_context=field_of("max_position_embeddings", int, 4096), architecture=arch,
     )
 
 

@@ -90,6 +90,8 @@ CASES = [
     # 2. nothing can run
     ("weights do not fit", RUN + ["--model", "llama-13b", "--device", "l40s", "--gpu-memory-utilization", "0.5",
                                   "--out", "{d}/out-fit"], 2, ["llama-13b does not fit l40s", "would fit with --tp 2"]),
+    ("engine fitted on one bf16 GPU", RUN + ["--engine", "vllm-v1", "--tp", "2", "--out", "{d}/out-eng"], 2,
+     ["engine vllm-v1", "one GPU in bf16", "--engine ideal"]),
     ("longer than the context", RUN + ["--workload", "{d}/endless-output.toml", "--out", "{d}/out-ctx"], 2,
      ["exceed", "32,768-token context", "mistral-7b", "1,000,000,000,000 output"]),
     ("never admitted", RUN + ["--workload", "{d}/long-prompts.toml", "--chunked-prefill", "--gpu-memory-utilization",

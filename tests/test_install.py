@@ -105,7 +105,9 @@ def test_flags_that_mean_nothing_are_not_offered():
     def flags(command):
         return {f for a in command_parser(command)._actions for f in a.option_strings}
 
-    assert "--executor" not in flags("validate") and "--jobs" not in flags("validate")
+    assert "--executor" not in flags("validate")
+    jobs = next(a for a in command_parser("validate")._actions if "--jobs" in a.option_strings)
+    assert jobs.help.startswith("--real:")  # validate's replays of measured runs are its only parallel work
     assert "--save-detailed" not in flags("capacity")
 
 

@@ -18,6 +18,7 @@ from lorabench.outputs.tables import format_number, why_nothing_ran
 from lorabench.parallel import KV_CACHE_DTYPES, WEIGHT_DTYPES
 from lorabench.presets import DEVICES, MODEL_HELP
 from lorabench.sim.cluster import ROUTERS
+from lorabench.sim.engine_model import ENGINES
 from lorabench.sim.memory import EVICTION_POLICIES
 from lorabench.strategies import parse_strategies
 from lorabench.workload import builtin_workloads
@@ -76,6 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "device's FP8 rate (Hopper, Ada, Blackwell) (default: %(default)s)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="KV cache (modeled only): auto = the model's bf16, fp8 halves its bytes (default: %(default)s)")
+    p.add_argument("--engine", default="ideal", choices=ENGINES,
+                   help="what the serving engine adds to the kernels and how it schedules: ideal (no host time, "
+                   "no reserved memory) or vllm-v1 (vLLM 0.8.5's V1 engine with fitted terms) (default: %(default)s)")
+    p.add_argument("--engine-profile", metavar="FILE",
+                   help="--engine vllm-v1: a fitted engine JSON from `lorabench calibrate` (default: the shipped "
+                   "results/engines/vllm-0.8.5-h100-64gb.json)")
     p.add_argument("--requests", type=int, help="number of requests (overrides the workload)")
     p.add_argument("--rate", type=float, help="arrival rate, requests/s (overrides the workload)")
     p.add_argument("--duration", type=float, help="stop arrivals after this many seconds (default: the workload's)")
@@ -138,7 +145,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # RunConfig fields that are flags of the same name (ranks: --rank), for its error messages
 FLAG_FIELDS = ("n_loras", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "max_loras",
                "max_cpu_loras", "ttft_slo_ms", "tpot_slo_ms", "requests", "rate", "duration", "alpha", "ranks",
-               "time_scale", "trace_window", "pin_hot", "replicas", "affinity_slack", "seed", "tp")
+               "time_scale", "trace_window", "pin_hot", "replicas", "affinity_slack", "seed", "tp",
+               "engine_profile")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -160,7 +168,8 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
         workload=args.workload, n_loras=args.n_loras, rate=args.rate, requests=args.requests,
         duration=args.duration, seed=args.seed, alpha=args.alpha, ranks=args.rank,
         strategies=parse_strategies(args.strategy), model=args.model, device=args.device,
-        executor=args.executor or default_executor(), profile=args.profile or found_profile(args),
+        executor=args.executor or default_executor(),
+        profile=args.profile or (found_profile(args) if args.engine == "ideal" else None),
         adapters=args.adapters, compressed=args.compressed, torch_device=args.torch_device,
         cuda_graphs=not args.eager, gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, chunked_prefill=args.chunked_prefill,
@@ -170,6 +179,7 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
         time_scale=args.time_scale, trace_window=args.trace_window,
         ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms, save_detailed=args.save_detailed,
         tp=args.tp, weight_dtype=args.weight_dtype, kv_cache_dtype=args.kv_cache_dtype,
+        engine=args.engine, engine_profile=args.engine_profile,
     )
 
 
@@ -269,6 +279,20 @@ def starved_per_lora_hint(plan, config: RunConfig, n_loras: int) -> list[str]:
             "deployment with this few adapters would."]
 
 
+def engine_note(exp: Experiment, plan) -> list[str]:
+    """What the vllm-v1 engine added, when it ran."""
+    engine = exp.engine.engine
+    if not engine.v1:
+        return []
+    reserved = engine.reserved_bytes(exp.model, exp.config.max_num_batched_tokens, exp.config.max_num_seqs)
+    return [f"Engine vllm-v1 ({exp.engine.source}): vLLM V1's whole-queue admission and preemption rule, "
+            f"{reserved / 2**30:.2f} GiB kept for activations and the sampler, LoRA slots of "
+            f"{engine.lora_slot_bytes(exp.model, int(exp.ranks.max())) / 2**20:.0f} MiB (every linear layer), and "
+            f"per step {engine.step_s * 1e3:.2f} ms + {engine.request_s * 1e6:.1f} us per request + "
+            f"{engine.adapter_s * 1e3:.2f} ms per distinct adapter + {engine.waiting_scan_s * 1e6:.2f} us per "
+            f"waiting request walked of host time."]
+
+
 def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
     """What the table shows, in words a newcomer can follow."""
     first = summary.iloc[0]
@@ -298,7 +322,8 @@ def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
         f"{first['workload']} over {int(first['n_loras'])} adapters, the same stream for every strategy.",
         f"Every strategy had the same GPU budget for adapters + KV cache: {plan.budget / 2**30:.1f} GiB"
         f"{' per GPU' if config.tp > 1 else ''} "
-        f"({config.gpu_memory_utilization:g} x {memory} - {plan.weights / 2**30:.1f} GiB of weights)."
+        f"({config.gpu_memory_utilization:g} x {memory} - {plan.weights / 2**30:.1f} GiB of weights"
+        f"{' - what the engine keeps' if exp.engine.engine.v1 else ''})."
         + (f" (Memory is planned as on --device {config.device}; the steps ran on {str(first['device']).split()[0]}.)"
            if elsewhere else "")
         + (f" per-lora got {plan.slots} adapter slots (= distinct adapters per batch), {slots}; compressed shares "
@@ -309,6 +334,7 @@ def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
         "adapter copies; hit rate: requests that found their adapter on the GPU (no copy made for them); batch, "
         "distinct: mean requests and distinct adapters per step.",
         *starved_per_lora_hint(plan, config, int(first["n_loras"])),
+        *engine_note(exp, plan),
         "Below saturation every strategy finishes the same work and differs in latency; --workload offline "
         "measures peak throughput.",
         f"Results: {out}/ ({', '.join(written + ['config.json'])})",

@@ -36,6 +36,7 @@ from lorabench.presets import DeviceSpec, ModelShape, device_preset, model_prese
 from lorabench.sim.cluster import ROUTERS, Cluster, Router
 from lorabench.sim.costmodel import Efficiency, LoraSetup, apply_profile, load_profile
 from lorabench.sim.engine import Replica, RunResult, SimulationStuck
+from lorabench.sim.engine_model import ENGINES, EngineExecutor, EngineFile, resolve_engine
 from lorabench.sim.executor import Executor
 from lorabench.sim.memory import EVICTION_POLICIES, MemoryPlan, kv_bytes_per_token, plan_memory
 from lorabench.sim.metrics import (
@@ -94,6 +95,8 @@ class RunConfig:
     tp: int = 1  # tensor-parallel GPUs per replica (lorabench/parallel.py); GPUs in all = replicas x tp
     weight_dtype: str = "bf16"  # base weights: bf16 or fp8
     kv_cache_dtype: str = "auto"  # KV cache: auto (the model's bf16) or fp8
+    engine: str = "ideal"  # what the serving engine adds and decides: ideal, or vllm-v1 (sim/engine_model.py)
+    engine_profile: str | None = None  # vllm-v1: a fitted engine JSON (None: the shipped results/engines/ one)
 
     def __post_init__(self) -> None:
         strategies = tuple(self.strategies)
@@ -136,6 +139,8 @@ class RunConfig:
             ("tp", self.tp >= 1, ">= 1"),
             ("weight_dtype", self.weight_dtype in WEIGHT_DTYPES, f"one of {', '.join(WEIGHT_DTYPES)}"),
             ("kv_cache_dtype", self.kv_cache_dtype in KV_CACHE_DTYPES, f"one of {', '.join(KV_CACHE_DTYPES)}"),
+            ("engine", self.engine in ENGINES, f"one of {', '.join(ENGINES)}"),
+            ("engine_profile", self.engine_profile is None or self.engine == "vllm-v1", "given only with engine vllm-v1"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -143,6 +148,10 @@ class RunConfig:
         if self.executor == "measured" and not self.parallel.default:
             raise LorabenchError("executor measured runs one GPU in bf16: --tp, --weight-dtype fp8 and --kv-cache-dtype "
                                  "fp8 are modeled only (--executor modeled)")
+        if self.engine == "vllm-v1" and not self.parallel.default:
+            # its memory reservation and LoRA slots are sized for one unsharded bf16 GPU, as it was fitted
+            raise LorabenchError("engine vllm-v1 was fitted on one GPU in bf16: --tp, --weight-dtype fp8 and "
+                                 "--kv-cache-dtype fp8 run with --engine ideal")
 
     @property
     def parallel(self) -> Parallel:
@@ -185,11 +194,22 @@ def _executor_factory(name: str):
         raise
 
 
-def _resolve_device(config: RunConfig) -> DeviceSpec:
+def kernel_profile(config: RunConfig, engine: EngineFile) -> str | None:
+    """Where the modeled executor's device figures and kernel factors come from: --profile, or a
+    vllm-v1 engine file that was fitted on this device (its figures were fitted with its terms)."""
+    if engine.engine.v1 and engine.fit.get("device") == config.device and (engine.device or engine.efficiency):
+        if config.profile is not None:
+            raise LorabenchError(f"--profile {config.profile}: engine file {engine.source} holds the {config.device} "
+                                 "figures it was fitted with; give one of the two")
+        return engine.source
+    return config.profile
+
+
+def _resolve_device(config: RunConfig, profile: str | None) -> DeviceSpec:
     """The device preset, with a profile's device figures applied."""
     device = device_preset(config.device)
-    if config.profile is not None:
-        device, _ = apply_profile(load_profile(config.profile), device, Efficiency())
+    if profile is not None:
+        device, _ = apply_profile(load_profile(profile), device, Efficiency())
     return device
 
 
@@ -211,10 +231,11 @@ def check_context(requests: Requests, model: ModelShape, workload: Workload) -> 
         )
 
 
-def check_parallel(config: RunConfig) -> tuple[ModelShape, DeviceSpec]:
+def check_parallel(config: RunConfig, engine: EngineFile | None = None) -> tuple[ModelShape, DeviceSpec]:
     """The run's model and device, after one clear error if the model cannot be split `tp` ways,
     the device lacks what the formats or the link need, or the weights alone fill each GPU."""
-    model, device = model_preset(config.model), _resolve_device(config)
+    engine = engine or resolve_engine(config.engine, config.engine_profile)
+    model, device = model_preset(config.model), _resolve_device(config, kernel_profile(config, engine))
     shard(model, config.tp)
     config.parallel.check_device(device)
     check_fits(model, config.parallel, device, config.gpu_memory_utilization)
@@ -236,25 +257,29 @@ class Experiment:
     device: DeviceSpec
     ranks: np.ndarray  # rank of every adapter
     clusters: np.ndarray  # cluster of every adapter (compressed)
+    engine: EngineFile  # the serving engine's terms (ideal: none)
 
     @classmethod
     def build(cls, config: RunConfig) -> "Experiment":
         workload = config.load_workload()
         requests = workload.generate()
+        engine = resolve_engine(config.engine, config.engine_profile)
         longest = int(requests.prompt_tokens.max()) if len(requests) else 0
-        if not config.chunked_prefill and longest > config.max_num_batched_tokens:
+        if not (config.chunked_prefill or engine.engine.v1) and longest > config.max_num_batched_tokens:
             raise LorabenchError(
                 f"max_num_batched_tokens ({config.max_num_batched_tokens}) is below the longest prompt of workload "
                 f"{workload.source} ({longest} tokens): raise it or enable chunked prefill"
             )
-        model, device = check_parallel(config)
+        model, device = check_parallel(config, engine)
         check_context(requests, model, workload)
-        return cls(config, workload, requests, model, device, workload.adapter_ranks(), workload.adapter_clusters())
+        return cls(config, workload, requests, model, device, workload.adapter_ranks(), workload.adapter_clusters(),
+                   engine)
 
     def strategy(self, name: str) -> Strategy:
         ad = self.workload.adapters
-        return build_strategy(name, self.model, self.ranks, ad.target_modules, ad.compressed_rank, ad.clusters,
-                              packed=self.config.packed_adapters, tp=self.config.tp)
+        built = build_strategy(name, self.model, self.ranks, ad.target_modules, ad.compressed_rank, ad.clusters,
+                               packed=self.config.packed_adapters, tp=self.config.tp)
+        return self.engine.engine.sized_strategy(built, self.model, self.ranks)
 
     def plan(self, strategy: Strategy) -> MemoryPlan:
         """The strategy's share of the fair budget of one GPU (of the replica's tp); per-lora slots
@@ -263,8 +288,9 @@ class Experiment:
         cfg = self.config
         matched = compressed.shared_bytes + compressed.total_adapter_bytes
         weights = shard(self.model, cfg.tp).weight_bytes(cfg.parallel.weight_bytes)
+        reserved = self.engine.engine.reserved_bytes(self.model, cfg.max_num_batched_tokens, cfg.max_num_seqs)
         return plan_memory(strategy, weights, self.device.memory_bytes, cfg.gpu_memory_utilization,
-                           self.workload.n_loras, cfg.max_loras, matched)
+                           self.workload.n_loras, cfg.max_loras, matched, reserved)
 
     def pinned(self, strategy: Strategy, plan: MemoryPlan) -> tuple[int, ...]:
         """The adapters `pin_hot` keeps on the GPU: those with the most requests in the stream (ties:
@@ -290,14 +316,20 @@ class Experiment:
         plan = self.plan(strategy)
         if plan.status != "ok":
             raise StrategyUnavailable(plan.status)
-        lora = LoraSetup(name, self.ranks, ad.target_modules, ad.compressed_rank, self.clusters, plan.slots)
+        engine = self.engine.engine
+        lora = LoraSetup(name, self.ranks, engine.lora_modules(name, ad.target_modules), ad.compressed_rank,
+                         self.clusters, plan.slots)
+        kernels = dataclasses.replace(cfg, profile=kernel_profile(cfg, self.engine))
 
         def replica(**where) -> Replica:
             sched = SchedulerConfig(
                 max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                chunked_prefill=cfg.chunked_prefill, block_size=cfg.block_size, kv_policy=cfg.kv_policy,
+                chunked_prefill=cfg.chunked_prefill or engine.v1, block_size=cfg.block_size,
+                kv_policy="preempt" if engine.v1 else cfg.kv_policy, vllm_v1=engine.v1, ingress_s=engine.ingress_s,
             )
-            runs = executor or _executor_factory(cfg.executor)(cfg, self.model, self.device, lora)
+            runs = executor or _executor_factory(cfg.executor)(kernels, self.model, self.device, lora)
+            if engine.v1:
+                runs = EngineExecutor(runs, engine)
             return Replica(self.requests if not where else Requests.empty(), strategy, plan, runs, sched,
                            kv_bytes_per_token(self.model.layers, shard(self.model, cfg.tp).kv_dim, cfg.parallel.kv_bytes),
                            cfg.max_cpu_loras,

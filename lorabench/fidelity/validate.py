@@ -13,25 +13,39 @@ import dataclasses
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from lorabench.errors import LorabenchError
 from lorabench.experiments.runner import RunConfig, run_experiment
 from lorabench.outputs.results import default_run_dir, write_json_atomic
 from lorabench.presets import device_name
 from lorabench.sim.costmodel import find_profile
-from lorabench.sim.measured import torch_device
+from lorabench.sim.engine_model import ENGINES
 
 METRICS = (("output_throughput", "tok/s"), ("ttft_mean_ms", "TTFT mean ms"), ("tpot_mean_ms", "TPOT mean ms"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from lorabench.experiments.points import add_backend_arguments
     from lorabench.experiments.run import add_arguments as run_arguments
     from lorabench.experiments.sweep import _FlagsExcept
 
-    # the flags of `lorabench run` but --executor (validate runs both) and --jobs (both run in this process)
+    # the flags of `lorabench run` but --executor (validate runs both) and --jobs (below: for --real's replays)
     run_arguments(_FlagsExcept(p, {"--executor", "--jobs"}))
-    p.set_defaults(model="mistral-7b" if torch.cuda.is_available() else "tiny", executor="measured", jobs=None)
+    p.set_defaults(model=None, device=None, executor="measured")  # measured vs modeled: the defaults below; --real: required
+    engine = next(a for a in p._actions if a.dest == "engine")
+    engine.choices, engine.default = None, None
+    engine.help = ("with --real: the engine to validate: a fitted engine JSON (`lorabench calibrate`), vllm-v1 "
+                   "(the shipped one) or ideal; without: ideal or vllm-v1, as for `lorabench run`")
+    p.add_argument("--real", nargs="+", metavar="FILE",
+                   help="validate an engine against measured serving runs instead: a runs .csv and/or `vllm bench "
+                   "serve` .json files (each with its settings .toml); writes --out DIR/validation.csv, errors.csv, "
+                   "validation.png")
+    p.add_argument("--window", type=float, help="--real: seconds of arrivals replayed per run (default: its duration)")
+    p.add_argument("--client-max-inflight", default="auto",
+                   help="--real: requests the runs' client kept open at most: a number, none, or auto (default)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="--real: replays run in parallel local processes (default: 1; --backend local only)")
+    add_backend_arguments(p, "replays", jobs=False)
 
 
 def fidelity(measured: pd.DataFrame, modeled: pd.DataFrame) -> pd.DataFrame:
@@ -50,6 +64,8 @@ def fidelity(measured: pd.DataFrame, modeled: pd.DataFrame) -> pd.DataFrame:
 
 def validate(config: RunConfig, out: Path, progress: bool = True) -> pd.DataFrame:
     """Run `config` measured and modeled (writing out/measured and out/modeled); return fidelity()."""
+    from lorabench.sim.measured import torch_device
+
     device = torch_device(config)
     name = device_name(device)
     profile = config.profile or find_profile(name, config.model)
@@ -85,6 +101,21 @@ def format_table(table: pd.DataFrame) -> str:
 def main(args: argparse.Namespace) -> int:
     from lorabench.experiments.run import config_from_args
 
+    if args.real:
+        from lorabench.fidelity.validate_real import main as validate_real
+
+        return validate_real(args)
+    if args.jobs is not None:
+        raise LorabenchError(f"--jobs {args.jobs}: only with --real (measured and modeled run in this process)")
+    import torch  # measured runs need it; --real does not
+
+    from lorabench.sim.measured import torch_device
+
+    args.model = args.model or ("mistral-7b" if torch.cuda.is_available() else "tiny")
+    args.device = args.device or "h200"
+    args.engine = args.engine or "ideal"
+    if args.engine not in ENGINES:
+        raise LorabenchError(f"--engine {args.engine}: choose one of {', '.join(ENGINES)} (engine files: with --real)")
     config = config_from_args(args)
     workload = config.load_workload()
     out = args.out or default_run_dir(f"validate-{config.workload}", workload.n_loras)

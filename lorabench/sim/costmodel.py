@@ -71,6 +71,7 @@ class Efficiency:
     lora_segment_token_s: float = 0.70e-9  # per (segment x token of the batch) per module
     lora_empty_slot_s: float = 0.07e-6  # per-lora default grid: per unused resident slot per module
     paged_gather: float = 1.10  # paged kernels vs per-lora ones (page-table gather); assumed, not measured
+    lora_memory: float = 0.90  # LoRA shrink and expand kernels, fraction of mem_bandwidth (default: as `memory`)
     step_overhead_s: float = 0.0  # host-side scheduling and sampling per step (CUDA graphs: ~0)
     # Overall corrections a profile may fit (measured / modeled), applied to every step and load.
     step_scale: float = 1.0
@@ -105,7 +106,10 @@ def find_profile(device: str, model: str) -> Path | None:
 # The top-level sections a profile JSON may hold (fidelity/calibration.py writes efficiency_by_strategy,
 # points and meta; fidelity/vidur_fit.py writes kernels; the GPU check adds provenance); any other key is a
 # typo that would otherwise be ignored.
-PROFILE_SECTIONS = ("device", "efficiency", "kernels", "efficiency_by_strategy", "points", "meta", "provenance")
+# (an engine file from `lorabench calibrate` is a profile too: its engine and fit sections are read by
+# sim/engine_model.py, its device and efficiency here)
+PROFILE_SECTIONS = ("device", "efficiency", "kernels", "efficiency_by_strategy", "points", "meta", "provenance",
+                    "engine", "fit")
 
 
 def default_profile(device: str, model: str) -> Path | None:
@@ -214,6 +218,7 @@ class ModeledExecutor:
         self._flops_rate = flops * self.eff.gemm_flops
         self._fp8_flops_rate = fp8_flops * self.eff.gemm_flops
         self._byte_rate = bandwidth * self.eff.memory
+        self._lora_byte_rate = bandwidth * self.eff.lora_memory
         self._attention_flops_rate = flops * self.eff.attention_flops
         self._attention_byte_rate = bandwidth * self.eff.attention_memory
         h, kv, inter = model.hidden, sh.kv_dim, sh.intermediate
@@ -235,8 +240,8 @@ class ModeledExecutor:
 
     # --- roofline pieces ------------------------------------------------------------------
 
-    def _kernel(self, flops: float, nbytes: float, fixed: float) -> float:
-        return max(flops / self._flops_rate, nbytes / self._byte_rate) + fixed
+    def _kernel(self, flops: float, nbytes: float, fixed: float, byte_rate: float | None = None) -> float:
+        return max(flops / self._flops_rate, nbytes / (byte_rate or self._byte_rate)) + fixed
 
     def _gemm(self, m: int, d_in: int, d_out: int, fixed: float, weight_copies: float = 1.0) -> float:
         """y (m x d_out) = x (m x d_in) @ W^T, reading W `weight_copies` times."""
@@ -369,9 +374,10 @@ class ModeledExecutor:
         total = 0.0
         for d_in, d_out in self._modules:
             # shrink reads x and the A of every segment; expand reads the B's and adds into y
-            shrink = self._kernel(2.0 * m * d_in * rank, b * (rank_sum * d_in + m * (d_in + rank)), e.lora_kernel_s)
+            shrink = self._kernel(2.0 * m * d_in * rank, b * (rank_sum * d_in + m * (d_in + rank)), e.lora_kernel_s,
+                                  self._lora_byte_rate)
             expand = self._kernel(2.0 * m * rank * d_out, b * (rank_sum * d_out + m * (rank + 2 * d_out)),
-                                  e.lora_kernel_s)
+                                  e.lora_kernel_s, self._lora_byte_rate)
             grid = segments * (e.lora_segment_s + m * e.lora_segment_token_s)
             if strategy == "per-lora":
                 unused = max(self.lora.resident_slots + 1 - segments, 0)

@@ -23,6 +23,7 @@ import simpy
 from lorabench.sim.executor import Executor, Step
 from lorabench.sim.memory import AdapterCache, KVCache, MemoryPlan, Pool
 from lorabench.sim.scheduler import Scheduler, SchedulerConfig
+from lorabench.sim.scheduler_v1 import SchedulerV1
 from lorabench.strategies import Strategy
 from lorabench.workload import Requests
 
@@ -88,8 +89,11 @@ class Replica:
         self.kv = KVCache(kv_pool, config.block_size, kv_bytes_per_token, self.cache if strategy.shared_pool else None)
         config = dataclasses.replace(config, max_distinct=plan.max_distinct, prefetch=strategy.prefetch)
         self.cfg = config
-        self.sched = Scheduler(self.requests, adapters, config, self.cache, self.kv, self.in_use, strategy.name,
+        scheduler = SchedulerV1 if config.vllm_v1 else Scheduler
+        self.sched = scheduler(self.requests, adapters, config, self.cache, self.kv, self.in_use, strategy.name,
                                capacity)
+        if hasattr(executor, "bind_scheduler"):  # an engine's host time depends on the scheduler's work
+            executor.bind_scheduler(self.sched)
         self.routed: list[int] = []  # behind a router: the cluster's id of each request received, in order
         self.next_routed_s = None  # behind a router: when the cluster's next request arrives (a function)
         self.link_free_s = 0.0  # when the host->GPU link finishes its queued copies

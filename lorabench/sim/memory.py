@@ -57,15 +57,16 @@ class MemoryPlan:
 
 
 def plan_memory(strategy: Strategy, weights: int, device_bytes: int, utilization: float,
-                n_loras: int, max_loras: int | None, matched_adapter_bytes: int) -> MemoryPlan:
-    """Split the budget for `strategy`.
+                n_loras: int, max_loras: int | None, matched_adapter_bytes: int, reserved: int = 0) -> MemoryPlan:
+    """Split the budget for `strategy`; `reserved` bytes (an engine's activations, sampler and the
+    like: sim/engine_model.py) are kept out of it.
 
     per-lora: `max_loras` slots (default: as many as fit in `matched_adapter_bytes`, the memory the
     compressed strategy's adapters take, as the paper matched memory; at least 1, at most n_loras).
     compressed: the bases plus every S_i when they fit in half the budget, else as many S_i as do.
     paged: one pool for adapters and KV. single: one adapter.
     """
-    budget = int(device_bytes * utilization) - weights
+    budget = int(device_bytes * utilization) - weights - reserved
     slot = int(strategy.adapter_bytes.max())
 
     def fail(why: str) -> MemoryPlan:

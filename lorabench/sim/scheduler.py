@@ -44,6 +44,9 @@ class SchedulerConfig:
     prefetch: bool = False  # loads are issued ahead for waiting requests (paged)
     scan_limit: int = 512  # waiting requests (FCFS) examined per admission pass
     prefetch_ahead: int = 16  # prefetch for at least this many waiting requests (more when seats are free)
+    vllm_v1: bool = False  # vLLM V1's whole-queue admission and preemption rule instead (scheduler_v1.py)
+    client_max_inflight: int | None = None  # vllm_v1: arrivals refused while this many requests are in flight
+    ingress_s: float = 0.0  # vllm_v1: a request reaches the scheduler this long after it arrives
 
 
 class Row:
@@ -389,7 +392,6 @@ class Scheduler:
         """Prefill rows read their chunks; those done with their prompt emit their first token and
         decode from now on."""
         T, preempt = self.T, self.cfg.kv_policy == "preempt"
-        block_size = self.kv.block_size
         done = 0
         for row, chunk in zip(self.prefill, self._chunks):
             row.ctx += chunk
@@ -405,8 +407,7 @@ class Scheduler:
             self.base_sum += row.base
             self.ends.add(row.end, row.rid)
             if preempt:
-                row.grow_at = row.blocks * block_size - row.base
-                self.grows.add(row.grow_at, row.rid)
+                self._track_growth(row)
         del self.prefill[:done]
         self.epoch += 1  # prefills done: the token budget changed
 
@@ -421,14 +422,22 @@ class Scheduler:
             self.finish_s[rid] = end_s
             self.unfinished_tokens -= self._prompt[rid] + self._output[rid]
             self.base_sum -= row.base
-            released += row.blocks
+            released += self._untrack_growth(row) if self.cfg.kv_policy == "preempt" else row.blocks
             self._drop_adapter(row.adapter)
-            if self.cfg.kv_policy == "preempt":
-                self.grows.remove(row.grow_at, rid)
         self.completed += len(finished)
         self.kv.release(released)
         self.batch_id += 1
         self.epoch += 1
+
+    def _track_growth(self, row: Row) -> None:
+        """Preempt policy: a row starts decoding; list it under the iteration it needs another block."""
+        row.grow_at = row.blocks * self.kv.block_size - row.base
+        self.grows.add(row.grow_at, row.rid)
+
+    def _untrack_growth(self, row: Row) -> int:
+        """Preempt policy: a decoding row leaves the batch; returns the KV blocks it holds."""
+        self.grows.remove(row.grow_at, row.rid)
+        return row.blocks
 
     def grow_kv(self) -> bool:
         """Preempt policy: give every row the blocks its next token needs, preempting the newest
@@ -454,16 +463,16 @@ class Scheduler:
         if self.prefill:
             row = self.prefill.pop()
             self.prompt_left -= row.prompt_left
-            out_left = row.out_left
+            out_left, blocks = row.out_left, row.blocks
         else:
             _, row = self.decoding.popitem()
             self.base_sum -= row.base
             self.ends.remove(row.end, row.rid)
-            self.grows.remove(row.grow_at, row.rid)
+            blocks = self._untrack_growth(row)
             out_left = row.end - self.T
         r = row.rid
         self.generated[r] = self._output[r] - out_left
-        self.kv.release(row.blocks)
+        self.kv.release(blocks)
         self._drop_adapter(row.adapter)
         self.batch_id += 1
         self.pending[r] = True
