@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from lorabench.errors import LorabenchError
 from lorabench.outputs.compare import read_result
+from lorabench.outputs.results import read_table
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -141,17 +141,7 @@ def _measured(row, where: str) -> dict:
 
 def read_runs_csv(path: str | Path) -> list[RealRun]:
     path = Path(path)
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise LorabenchError(f"runs file {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise LorabenchError(f"runs file {path}: not a readable CSV ({err})") from None
-    missing = [c for c in SETTINGS if c not in frame.columns]
-    if missing:
-        raise LorabenchError(f"runs file {path}: missing column(s) {', '.join(missing)}")
-    if frame.empty:
-        raise LorabenchError(f"runs file {path}: no runs in it")
+    frame = read_table(path, SETTINGS, "runs file", dtype=str, keep_default_na=False)
     frame = frame.replace("", np.nan)
     runs = []
     for i, row in enumerate(frame.to_dict("records")):

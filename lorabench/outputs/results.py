@@ -251,17 +251,31 @@ def _jsonable(obj):
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
 
 
-def read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    """A results CSV with at least one row and the `required` columns, or one clear error."""
+def read_json(path: Path, what: str):
+    """A JSON file's contents, or one clear error naming it (`what`: "profile", "engine file")."""
     try:
-        table = pd.read_csv(path)
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise LorabenchError(f"{what} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LorabenchError(f"{what} {path}: not readable JSON ({err})") from None
+
+
+def read_table(path: Path, required: tuple[str, ...], what: str = "", **read_csv) -> pd.DataFrame:
+    """A CSV with at least one row and the `required` columns, or one clear error naming the file
+    (`what` says what it is: "runs file"); `read_csv`: pandas.read_csv's options."""
+    name = f"{what} {path}" if what else str(path)
+    try:
+        table = pd.read_csv(path, **read_csv)
+    except FileNotFoundError:
+        raise LorabenchError(f"{name}: no such file") from None
     except pd.errors.EmptyDataError:
-        raise LorabenchError(f"{path}: empty file, no rows") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise LorabenchError(f"{path}: not a CSV table ({err})") from None
+        raise LorabenchError(f"{name}: empty file, no rows") from None
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise LorabenchError(f"{name}: not a CSV table ({err})") from None
     missing = [c for c in required if c not in table.columns]
     if missing:
-        raise LorabenchError(f"{path}: missing column(s) {', '.join(missing)}")
+        raise LorabenchError(f"{name}: missing column(s) {', '.join(missing)}")
     if table.empty:
-        raise LorabenchError(f"{path}: no rows")
+        raise LorabenchError(f"{name}: no rows")
     return table

@@ -42,7 +42,6 @@ rate; an FP8 KV cache halves the bytes attention reads.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from lorabench.errors import LorabenchError
+from lorabench.outputs.results import read_json
 from lorabench.parallel import ACTIVATION_BYTES, Parallel, shard
 from lorabench.presets import DeviceSpec, ModelShape
 from lorabench.sim import physics
@@ -122,12 +122,7 @@ def default_profile(device: str, model: str) -> Path | None:
 def load_profile(path: str | Path) -> dict:
     """A profile JSON: {"device": {DeviceSpec fields}, "efficiency": {Efficiency fields}}, both optional."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LorabenchError(f"profile {path}: no such file") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise LorabenchError(f"profile {path}: not readable JSON ({err})") from None
+    data = read_json(path, "profile")
     if not isinstance(data, dict) or not all(isinstance(data.get(k, {}), dict) for k in ("device", "efficiency")):
         raise LorabenchError(f"profile {path}: expected an object with optional objects device and efficiency")
     unknown = sorted(set(data) - set(PROFILE_SECTIONS))

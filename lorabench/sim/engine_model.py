@@ -43,7 +43,6 @@ Two engines:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from lorabench.errors import LorabenchError
+from lorabench.outputs.results import read_json
 from lorabench.presets import ALL_LINEAR, ModelShape
 from lorabench.sim.executor import Step
 from lorabench.strategies import Strategy
@@ -214,12 +214,7 @@ def default_engine_file() -> Path:
 
 def load_engine_file(path: str | Path) -> EngineFile:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LorabenchError(f"engine file {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LorabenchError(f"engine file {path}: not readable JSON ({err})") from None
+    data = read_json(path, "engine file")
     if not isinstance(data, dict) or not isinstance(data.get("engine"), dict):
         raise LorabenchError(f"engine file {path}: expected an object with an object `engine` (and optional "
                              "device, efficiency, fit)")
