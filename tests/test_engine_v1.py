@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lorabench.errors import LorabenchError
+from lorabench.experiments.run import engine_note
 from lorabench.experiments.runner import Experiment, RunConfig, run_experiment
 from lorabench.presets import device_preset, model_preset
 from lorabench.sim.engine_model import VLLM_V1, EngineModel, load_engine_file, resolve_engine
@@ -207,7 +208,9 @@ def test_engine_flags_are_checked(tmp_path):
     base = dict(workload="uniform", n_loras=4, requests=5, model="qwen2.5-7b", device="h100-64gb", engine="vllm-v1",
                 engine_profile=str(path))
     assert Experiment.build(RunConfig(**base)).device.mem_bandwidth == 2e12  # fitted on this device: its figures
-    assert Experiment.build(RunConfig(**{**base, "device": "h200"})).device == device_preset("h200")
+    elsewhere = Experiment.build(RunConfig(**{**base, "device": "h200"}))
+    assert elsewhere.device == device_preset("h200")
+    assert "fitted on h100-64gb and are not used on h200" in engine_note(elsewhere, None)[0]  # the run says so
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({"device": {"mem_bandwidth": 3e12}}))
     with pytest.raises(LorabenchError, match="give one of the two"):

@@ -290,7 +290,10 @@ def engine_note(exp: Experiment, plan) -> list[str]:
             f"{engine.lora_slot_bytes(exp.model, int(exp.ranks.max())) / 2**20:.0f} MiB (every linear layer), and "
             f"per step {engine.step_s * 1e3:.2f} ms + {engine.request_s * 1e6:.1f} us per request + "
             f"{engine.adapter_s * 1e3:.2f} ms per distinct adapter + {engine.waiting_scan_s * 1e6:.2f} us per "
-            f"waiting request walked of host time."]
+            f"waiting request walked of host time."
+            + ("" if exp.engine.fit.get("device") in (None, exp.config.device) else
+               f" Its kernel figures were fitted on {exp.engine.fit['device']} and are not used on "
+               f"{exp.config.device} (the device preset's are); its host terms are.")]
 
 
 def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
