@@ -19,6 +19,7 @@ Everything is seeded; steps whose output is in WORK already are skipped (delete 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -37,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_tasks import VOCAB, Language, make_tasks, sample  # noqa: E402
 from quality_train import ATTN, MLP, TinyLlama, new_adapters, pretrain, token_loss, train_adapters  # noqa: E402
 
-from lorabench.adapters import AdapterConfig, ModuleKey, load_collection, write_adapter  # noqa: E402
+from lorabench.adapters import AdapterConfig, ModuleKey, write_adapter  # noqa: E402
 from lorabench.cli import main as lorabench  # noqa: E402
 from lorabench.compress import adjusted_rand_index  # noqa: E402
+from lorabench.outputs.results import atomic_dir, write_text_atomic  # noqa: E402
 from lorabench.quality.report import per_adapter_kept  # noqa: E402
 
 SETTINGS = dict(
@@ -62,16 +64,13 @@ GRID = {
 MODULES = ATTN + MLP
 
 
+@contextlib.contextmanager
 def step(title: str, log: dict):
     """Time a stage into log[title] (seconds)."""
-    class Timer:
-        def __enter__(self):
-            print(f"== {title}", flush=True)
-            self.t = time.perf_counter()
-
-        def __exit__(self, *exc):
-            log[title] = round(time.perf_counter() - self.t, 1)
-    return Timer()
+    print(f"== {title}", flush=True)
+    start = time.perf_counter()
+    yield
+    log[title] = round(time.perf_counter() - start, 1)
 
 
 def build_base(work: Path, s: dict, language: Language) -> tuple[TinyLlama, float]:
@@ -95,12 +94,10 @@ def build_adapters(work: Path, s: dict, model: TinyLlama, language: Language, ta
                             s["adapter_lr"], lambda r: tqdm(r, desc="adapters"))
     config = AdapterConfig(r=s["rank"], lora_alpha=s["alpha"], target_modules=MODULES,
                            base_model_name_or_path=str(work / "base"))
-    tmp = work / ".adapters.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for j, task in enumerate(tasks):
-        factors = {ModuleKey(i, m): (A[j].detach(), B[j].detach()) for (i, m), (A, B) in lora.items()}
-        write_adapter(tmp / task.name, config, factors)
-    tmp.rename(work / "adapters")
+    with atomic_dir(work / "adapters") as tmp:
+        for j, task in enumerate(tasks):
+            factors = {ModuleKey(i, m): (A[j].detach(), B[j].detach()) for (i, m), (A, B) in lora.items()}
+            write_adapter(tmp / task.name, config, factors)
     return float(np.mean(losses[-50:]))
 
 
@@ -110,13 +107,8 @@ def reload_base(work: Path, s: dict) -> TinyLlama:
 
     model = TinyLlama(VOCAB, s["hidden"], s["layers"], s["heads"], s["kv_heads"], s["intermediate"], seed=0)
     t = load_file(str(work / "base" / "model.safetensors"))
-    model.embed.data, model.lm_head.data = t["model.embed_tokens.weight"], t["lm_head.weight"]
-    model.final_norm.data = t["model.norm.weight"]
-    for i in range(s["layers"]):
-        for m in MODULES:
-            model.weight(i, m).data = t[f"model.layers.{i}.{'self_attn' if m in ATTN else 'mlp'}.{m}.weight"]
-        model.norms[2 * i].data = t[f"model.layers.{i}.input_layernorm.weight"]
-        model.norms[2 * i + 1].data = t[f"model.layers.{i}.post_attention_layernorm.weight"]
+    for name, param in model.hf_tensors().items():
+        param.data = t[name]
     return model
 
 
@@ -134,7 +126,7 @@ def write_data(work: Path, s: dict, language: Language, tasks) -> None:
     for task in tasks:
         for row in sample(language, task, s["eval_rows"], s["length"], rng):
             lines.append(json.dumps({"adapter": task.name, "tokens": row.tolist()}))
-    (work / "data.jsonl").write_text("\n".join(lines) + "\n")
+    write_text_atomic(work / "data.jsonl", "\n".join(lines) + "\n")
 
 
 def cluster_agreement(work: Path, tasks) -> pd.DataFrame:
@@ -199,7 +191,7 @@ def main() -> int:
                               "--compressed", *[str(work / "compressed" / n) for n in GRID]])
             assert code == 0
     notes["timings_s"] = {**notes.get("timings_s", {}), **timings}  # a stage skipped this time keeps its time
-    (work / "notes.json").write_text(json.dumps(notes, indent=1) + "\n")
+    write_text_atomic(work / "notes.json", json.dumps(notes, indent=1) + "\n")
     summary = pd.read_csv(work / "eval" / "summary.csv")
     table = pd.read_csv(work / "eval" / "eval.csv")
     errors = {n: json.loads((work / "compressed" / n / "summary.json").read_text())["mean_error"] for n in GRID}

@@ -93,6 +93,17 @@ class TinyLlama(torch.nn.Module):
             x = x + linear(F.silu(linear(h, i, "gate_proj")) * linear(h, i, "up_proj"), i, "down_proj")
         return (self._rms(x, self.final_norm) @ self.lm_head.T).view(n, b, T, -1)
 
+    def hf_tensors(self) -> dict[str, torch.nn.Parameter]:
+        """Every parameter under the name transformers gives it in a LlamaForCausalLM checkpoint."""
+        tensors = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.final_norm,
+                   "lm_head.weight": self.lm_head}
+        for i in range(self.config["layers"]):
+            for m in ATTN + MLP:
+                tensors[f"model.layers.{i}.{'self_attn' if m in ATTN else 'mlp'}.{m}.weight"] = self.weight(i, m)
+            tensors[f"model.layers.{i}.input_layernorm.weight"] = self.norms[2 * i]
+            tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = self.norms[2 * i + 1]
+        return tensors
+
     def save_hf(self, folder: Path) -> Path:
         """config.json and model.safetensors as transformers names a LlamaForCausalLM's."""
         c = self.config
@@ -103,14 +114,7 @@ class TinyLlama(torch.nn.Module):
                   "vocab_size": c["vocab"], "rope_theta": c["theta"], "rms_norm_eps": c["eps"],
                   "max_position_embeddings": 256, "hidden_act": "silu", "tie_word_embeddings": False,
                   "torch_dtype": "float32"}
-        tensors = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.final_norm,
-                   "lm_head.weight": self.lm_head}
-        for i in range(c["layers"]):
-            for m in ATTN + MLP:
-                tensors[f"model.layers.{i}.{'self_attn' if m in ATTN else 'mlp'}.{m}.weight"] = self.weight(i, m)
-            tensors[f"model.layers.{i}.input_layernorm.weight"] = self.norms[2 * i]
-            tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = self.norms[2 * i + 1]
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+        save_file({k: v.detach().contiguous() for k, v in self.hf_tensors().items()}, str(folder / "model.safetensors"))
         (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
         return folder
 

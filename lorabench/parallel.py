@@ -37,7 +37,6 @@ WEIGHT_DTYPES = ("bf16", "fp8")
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype (bf16), as vLLM's --kv-cache-dtype auto
 ACTIVATION_BYTES = 2  # bf16 activations, and what all-reduces move
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW_PARALLEL = ("o_proj", "down_proj")
 
 
 @dataclass(frozen=True)

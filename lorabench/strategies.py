@@ -70,7 +70,8 @@ def build_strategy(
     per tensor (serving engines copy tensor by tensor). Sizes are one GPU's of a `tp`-way group: its
     slice of each A and B as vLLM shards them (lorabench/parallel.py), copied to every GPU at once."""
     # (d_in of A, d_out of B) of every module's LoRA on one GPU
-    shapes = [shard(model, tp).lora_elements(m) for m in target_modules]
+    sh = shard(model, tp)
+    shapes = [sh.lora_elements(m) for m in target_modules]
     tensors = 1 if packed else 2 * len(target_modules) * model.layers  # A and B of every module and layer
     # Bytes of a rank-1 slice of one adapter over all its modules and layers: A row + B column.
     rank1 = model.layers * sum(d_in + d_out for d_in, d_out in shapes) * dtype_bytes

@@ -7,7 +7,6 @@
 set -uo pipefail
 export LORABENCH_CHECK_STARTED=${LORABENCH_CHECK_STARTED:-$(date +%s)}  # the deadline counts from here
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 
 # Wheels of what the GPU image lacks (simpy), made by scripts/gpu_wheels.sh and carried in .whl:

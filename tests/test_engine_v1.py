@@ -210,7 +210,7 @@ def test_engine_flags_are_checked(tmp_path):
     assert Experiment.build(RunConfig(**base)).device.mem_bandwidth == 2e12  # fitted on this device: its figures
     elsewhere = Experiment.build(RunConfig(**{**base, "device": "h200"}))
     assert elsewhere.device == device_preset("h200")
-    assert "fitted on h100-64gb and are not used on h200" in engine_note(elsewhere, None)[0]  # the run says so
+    assert "fitted on h100-64gb and are not used on h200" in engine_note(elsewhere)[0]  # the run says so
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({"device": {"mem_bandwidth": 3e12}}))
     with pytest.raises(LorabenchError, match="give one of the two"):

@@ -36,7 +36,7 @@ import torch
 from lorabench.adapters.types import LoraStack
 from lorabench.compress.clusters import METHODS
 from lorabench.compress.fit import one_thread, relative
-from lorabench.errors import LorabenchError
+from lorabench.compress.module import check_sizes
 
 StackLoader = Callable[[object], LoraStack]
 
@@ -160,10 +160,7 @@ def cluster_adapters(load: StackLoader, keys: list, rank: int, k: int, method: s
 
     def checked(key) -> LoraStack:  # the checks compress_module makes, before any work
         stack = load(key)
-        if rank > min(stack.d_in, stack.d_out):
-            raise LorabenchError(f"--rank {rank} exceeds the module's size {stack.d_out} x {stack.d_in}")
-        if k > stack.n:
-            raise LorabenchError(f"--clusters {k} exceeds the {stack.n} adapters")
+        check_sizes(stack, rank, k)
         return stack
 
     n = checked(keys[0]).n

@@ -136,14 +136,15 @@ class CompressedCollection:
             base_model_name_or_path=source.get("base_model_name_or_path"),
         )
 
-    def factors(self, adapter: int | str) -> dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]:
-        """Every module's rebuilt (A', B') of one adapter, zero-padded to one rank, in the stored dtype."""
+    def factors(self, adapter: int | str, modules: dict | None = None) -> dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]:
+        """Every module's rebuilt (A', B') of one adapter, zero-padded to one rank, in the stored dtype.
+        `modules`: every module already read (by a caller rebuilding many adapters); default: read each."""
         i = self.index(adapter)
         rank = self.adapter_config(i).r
         dtype = getattr(torch, self.metadata["dtype"])
         out = {}
         for key in self.modules:
-            A, B = self.module(key).delta_factors(i)
+            A, B = (self.module(key) if modules is None else modules[key]).delta_factors(i)
             pad = rank - A.shape[0]
             out[key] = (
                 torch.nn.functional.pad(A, (0, 0, 0, pad)).to(dtype),

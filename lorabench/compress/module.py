@@ -70,6 +70,14 @@ def _max_clusters(stack: LoraStack, config: CompressConfig, max_bytes: int | Non
     return int(min(k, stack.n))
 
 
+def check_sizes(stack: LoraStack, rank: int, clusters: int | str) -> None:
+    """The rank fits the module and the clusters (unless "auto") fit the adapters."""
+    if rank > min(stack.d_in, stack.d_out):
+        raise LorabenchError(f"--rank {rank} exceeds the module's size {stack.d_out} x {stack.d_in}")
+    if clusters != "auto" and clusters > stack.n:
+        raise LorabenchError(f"--clusters {clusters} exceeds the {stack.n} adapters")
+
+
 def compress_module(
     stack: LoraStack,
     config: CompressConfig,
@@ -81,10 +89,7 @@ def compress_module(
     """Compress one module. With clusters="auto": K = 1, 2, 4, ... until the mean relative error
     meets config.target_error (or K reaches its memory cap), then bisection for the smallest such K.
     `assignment`: the adapters' groups, fixed (whole-adapter clustering, `cluster_adapters`)."""
-    if config.rank > min(stack.d_in, stack.d_out):
-        raise LorabenchError(f"--rank {config.rank} exceeds the module's size {stack.d_out} x {stack.d_in}")
-    if config.clusters != "auto" and config.clusters > stack.n:
-        raise LorabenchError(f"--clusters {config.clusters} exceeds the {stack.n} adapters")
+    check_sizes(stack, config.rank, config.clusters)
     if config.method == "svd":
         return fit_svd(stack, config.rank)
     w = resolve_weights(stack.norms2(), weights, config.normalize)

@@ -227,12 +227,10 @@ def local_backend(jobs: int) -> Backend:
 BACKENDS = ("local", "ray")
 
 
-def add_backend_arguments(parser: argparse.ArgumentParser, what: str, jobs: bool = True) -> None:
-    """--jobs (unless the parser has its own), --backend and --ray-address; `what` names the points in
-    help texts ("points", "searches")."""
-    if jobs:
-        parser.add_argument("--jobs", type=int, default=None,
-                            help=f"{what} run in parallel local processes (default: 1; --backend local only)")
+def add_backend_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """--jobs, --backend and --ray-address; `what` names the points in help texts ("points", "searches")."""
+    parser.add_argument("--jobs", type=int, default=None,
+                        help=f"{what} run in parallel local processes (default: 1; --backend local only)")
     parser.add_argument("--backend", choices=BACKENDS, default="local",
                         help=f"where {what} run: local processes, or Ray tasks on a Ray cluster (needs the ray "
                              "extra: pip install -e '.[ray]') (default: %(default)s)")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from lorabench.errors import LorabenchError
-from lorabench.experiments.runner import EXECUTORS, KV_POLICIES, Experiment, RunConfig, check_parallel, run_experiment
+from lorabench.experiments.runner import EXECUTORS, KV_POLICIES, Experiment, RunConfig, run_experiment
 from lorabench.outputs.results import default_run_dir
 from lorabench.outputs.tables import format_number, why_nothing_ran
 from lorabench.parallel import KV_CACHE_DTYPES, WEIGHT_DTYPES
@@ -216,8 +216,8 @@ def default_jobs(config: RunConfig) -> int:
 
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    check_parallel(config)
-    workload = config.load_workload()
+    exp = Experiment.build(config)  # every refusal of the setup before anything is printed or written
+    workload = exp.workload
     out = args.out or default_run_dir(config.workload, workload.n_loras)
     if out.exists():
         raise LorabenchError(f"--out {out}: already exists; choose a new folder")
@@ -226,14 +226,14 @@ def main(args: argparse.Namespace) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise LorabenchError(f"--jobs {args.jobs}: must be >= 1")
     jobs = args.jobs or default_jobs(config)
-    summary = run_experiment(config, out_dir=out, progress=not args.no_progress, jobs=jobs)
+    summary = run_experiment(config, out_dir=out, progress=not args.no_progress, jobs=jobs, exp=exp)
     if not (summary["status"] == "ok").any():
         shutil.rmtree(out, ignore_errors=True)  # a folder of empty tables is no result
         raise LorabenchError(f"no strategy could run ({config.model} on {config.device}): {why_nothing_ran(summary)}")
     print()
     print(format_table(summary))
     print()
-    print(explain(summary, config, out))
+    print(explain(summary, exp, out))
     return 0
 
 
@@ -279,7 +279,7 @@ def starved_per_lora_hint(plan, config: RunConfig, n_loras: int) -> list[str]:
             "deployment with this few adapters would."]
 
 
-def engine_note(exp: Experiment, plan) -> list[str]:
+def engine_note(exp: Experiment) -> list[str]:
     """What the vllm-v1 engine added, when it ran."""
     engine = exp.engine.engine
     if not engine.v1:
@@ -296,10 +296,9 @@ def engine_note(exp: Experiment, plan) -> list[str]:
                f"{exp.config.device} (the device preset's are); its host terms are.")]
 
 
-def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
+def explain(summary: pd.DataFrame, exp: Experiment, out: Path) -> str:
     """What the table shows, in words a newcomer can follow."""
-    first = summary.iloc[0]
-    exp = Experiment.build(config)
+    first, config = summary.iloc[0], exp.config
     plan = exp.plan(exp.strategy("per-lora"))
     ad = exp.workload.adapters
     kind = ("MEASURED step times" if config.executor != "modeled" else
@@ -337,7 +336,7 @@ def explain(summary: pd.DataFrame, config: RunConfig, out: Path) -> str:
         "adapter copies; hit rate: requests that found their adapter on the GPU (no copy made for them); batch, "
         "distinct: mean requests and distinct adapters per step.",
         *starved_per_lora_hint(plan, config, int(first["n_loras"])),
-        *engine_note(exp, plan),
+        *engine_note(exp),
         "Below saturation every strategy finishes the same work and differs in latency; --workload offline "
         "measures peak throughput.",
         f"Results: {out}/ ({', '.join(written + ['config.json'])})",

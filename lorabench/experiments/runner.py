@@ -353,15 +353,16 @@ class Experiment:
 
 
 def run_experiment(config: RunConfig, out_dir: str | Path | None = None, progress: bool = True,
-                   jobs: int = 1) -> pd.DataFrame:
+                   jobs: int = 1, exp: Experiment | None = None) -> pd.DataFrame:
     """Serve the workload with every strategy of `config`; return the summary (one row per strategy).
 
     With `out_dir`, also writes the run folder there atomically (it must not exist yet). `jobs` > 1
     serves the strategies in that many worker processes (modeled runs only: a measured run times
-    its steps on one device, one strategy after another); the results are the same."""
+    its steps on one device, one strategy after another); the results are the same. `exp`: the
+    experiment of `config` when the caller has built it already."""
     if out_dir is not None and Path(out_dir).exists():
         raise LorabenchError(f"out_dir {out_dir}: already exists; choose a new folder")
-    exp = Experiment.build(config)
+    exp = exp if exp is not None else Experiment.build(config)
     created = datetime.now(timezone.utc)
     backend = local_backend(jobs) if config.executor == "modeled" else InProcess()
     with atomic_dir(out_dir) if out_dir is not None else contextlib.nullcontext() as tmp:

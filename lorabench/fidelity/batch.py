@@ -7,9 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import pickle
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from lorabench.experiments.points import Backend
 from lorabench.fidelity.real_runs import RealRun
 from lorabench.fidelity.replay import ReplaySettings, replay
 from lorabench.fidelity.surrogate import RunTrace
+from lorabench.outputs.results import write_text_atomic
 from lorabench.presets import DeviceSpec, ModelShape
 from lorabench.sim.costmodel import Efficiency
 from lorabench.sim.engine_model import EngineModel
@@ -78,10 +77,7 @@ def simulate(point: Point):
         result = replay(run, s.model, s.device, s.efficiency, s.engine, settings)
     (result.metrics if point.traced else result)["cpu_seconds"] = time.process_time() - cpu
     if path is not None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(result, f)
-        os.replace(tmp, path)
+        write_text_atomic(path, pickle.dumps(result))
     return result
 
 
@@ -102,7 +98,7 @@ def simulate_runs(runs: list[RealRun], server: Server, settings: ReplaySettings 
     TALLY["simulated"] += len(points) - cached
     results: list = [None] * len(points)
     index = {id(p): i for i, p in enumerate(points)}
-    with tqdm(total=len(points), desc=desc, unit="run", disable=not progress) as bar:
+    with tqdm(total=len(points), desc=desc, unit="run", disable=not progress or None) as bar:
         for point, result in backend.map_unordered(simulate, points):
             results[index[id(point)]] = result
             bar.update(1)

@@ -43,9 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=float, help="--real: seconds of arrivals replayed per run (default: its duration)")
     p.add_argument("--client-max-inflight", default="auto",
                    help="--real: requests the runs' client kept open at most: a number, none, or auto (default)")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="--real: replays run in parallel local processes (default: 1; --backend local only)")
-    add_backend_arguments(p, "replays", jobs=False)
+    add_backend_arguments(p, "replays")
+    jobs = next(a for a in p._actions if a.dest == "jobs")
+    jobs.help = "--real: " + jobs.help
 
 
 def fidelity(measured: pd.DataFrame, modeled: pd.DataFrame) -> pd.DataFrame:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from lorabench.errors import LorabenchError
+from lorabench.outputs.results import read_table
 from lorabench.parallel import Parallel
 from lorabench.presets import DeviceSpec, ModelShape
 from lorabench.sim.costmodel import Efficiency, LoraSetup, ModeledExecutor
@@ -59,20 +60,9 @@ class NetworkTable:
     rows: pd.DataFrame
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path)
-    except FileNotFoundError:
-        raise LorabenchError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise LorabenchError(f"{path}: not a readable CSV ({err})") from None
-
-
 def _numbers(df: pd.DataFrame, columns, path: Path, positive: bool = True) -> pd.DataFrame:
-    """The columns as floats; one clear error naming the first bad cell (its line in the file)."""
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise LorabenchError(f"{path}: missing column(s) {', '.join(missing)}")
+    """The columns (read_table checked they are there) as floats; one clear error naming the first bad
+    cell (its line in the file)."""
     out = pd.DataFrame(index=df.index)
     for column in columns:
         values = pd.to_numeric(df[column], errors="coerce")
@@ -108,8 +98,9 @@ def compute_path(root: str | Path, device: str, model: str | None = None) -> Pat
 def read_compute(path: str | Path, name: str | None = None) -> ComputeTable:
     """A Vidur mlp.csv: the model's shape from its columns, and per (tp, num_tokens) each op's median."""
     path = Path(path)
-    df = _read_csv(path)
-    ops = _numbers(df, [f"time_stats.{op}.median" for op in OPS], path)
+    op_columns = [f"time_stats.{op}.median" for op in OPS]
+    df = read_table(path, (*op_columns, *ROW_COLUMNS, *SHAPE_COLUMNS))
+    ops = _numbers(df, op_columns, path)
     where = _numbers(df, ROW_COLUMNS, path)
     shape = _numbers(df, SHAPE_COLUMNS, path)
     if "use_gated_mlp" in df.columns and not df["use_gated_mlp"].astype(str).str.lower().eq("true").all():
@@ -141,7 +132,7 @@ def network_path(root: str | Path, device: str) -> Path | None:
 def read_network(path: str | Path) -> NetworkTable:
     """A Vidur all_reduce.csv, the rows among GPUs of one node."""
     path = Path(path)
-    df = _read_csv(path)
+    df = read_table(path, NETWORK_COLUMNS)
     values = _numbers(df, NETWORK_COLUMNS, path)
     if "devices_per_node" in df.columns:
         per_node = _numbers(df, ("devices_per_node",), path)["devices_per_node"]

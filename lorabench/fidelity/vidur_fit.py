@@ -154,7 +154,7 @@ def fit_profile(root, device: DeviceSpec, model: str | None = None, fit_tp: tupl
         fit_rows = table.rows["tp"].isin(fit_tp)
         if not fit_rows.any():
             raise LorabenchError(f"{table.source}: no rows with tensor-parallel size {', '.join(map(str, fit_tp))}")
-    bar = tqdm(total=3 * len(device.gemm_tiles), desc=f"fit {device.name}", unit="fit", disable=not progress)
+    bar = tqdm(total=3 * len(device.gemm_tiles), desc=f"fit {device.name}", unit="fit", disable=not progress or None)
     kernels = fit_kernels(table, device, fit_rows, on_tile=bar.update)
     checks = cross_checks(table, device, fit_rows, on_tile=bar.update)
     bar.close()

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from lorabench.errors import LorabenchError
 from lorabench.kernelbench import kernel_targets
 from lorabench.kernelbench.correctness import device_check
-from lorabench.kernelbench.provenance import triton_version, versions
+from lorabench.kernelbench.provenance import toolchain, versions
 from lorabench.outputs.results import write_csv_atomic
 
 GPU_GRID_M = (1, 16, 64, 256, 1024)
@@ -150,7 +150,7 @@ def plan_main(config: BenchConfig, args: argparse.Namespace) -> int:
         raise LorabenchError("--plan compiles the kernels: unset TRITON_INTERPRET")
     plan = plan_grid(config)
     plan.insert(0, "arch", "sm_90")
-    plan["versions"] = f"torch {torch.__version__}, triton {triton_version()}"
+    plan["versions"] = toolchain()
     plan["command"] = _command(config, "--plan")
     out = args.out or Path("results/kernels/plan-sm90.csv")
     write_csv_atomic(out, plan)

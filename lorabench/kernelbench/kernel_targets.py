@@ -30,9 +30,9 @@ from importlib import resources
 from pathlib import Path
 
 import pandas as pd
-from lorabench.kernels import BGMV_MAX_TOKENS
 
 from lorabench.errors import LorabenchError
+from lorabench.kernels import BGMV_MAX_TOKENS
 
 BANDWIDTH_FRACTION = 0.30
 BANDWIDTH_POINT = (1024, 1024)

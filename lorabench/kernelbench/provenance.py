@@ -42,13 +42,28 @@ def driver_version() -> str | None:
     return lines[0] if done.returncode == 0 and lines else None
 
 
+def toolchain() -> str:
+    """'torch 2.11.0+cu130, triton 3.6.0': what compiles the kernels, without asking for a GPU."""
+    import torch
+
+    return f"torch {torch.__version__}, triton {triton_version()}"
+
+
 def versions() -> str:
     """'torch 2.11.0+cu130, triton 3.6.0, CUDA 13.0, driver 580.159.04' (CUDA and driver where CUDA runs)."""
     import torch
 
-    text = f"torch {torch.__version__}, triton {triton_version()}"
-    if torch.cuda.is_available():
-        text += f", CUDA {torch.version.cuda}, driver {driver_version() or 'unknown'}"
+    cuda = torch.cuda.is_available()
+    return _versions(cuda, driver_version() if cuda else None)
+
+
+def _versions(cuda: bool, driver: str | None) -> str:
+    """versions() with CUDA's presence and the driver's version already known."""
+    import torch
+
+    text = toolchain()
+    if cuda:
+        text += f", CUDA {torch.version.cuda}, driver {driver or 'unknown'}"
     return text
 
 
@@ -66,10 +81,11 @@ def environment() -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     card = device_name(device)
+    driver = driver_version() if cuda else None  # nvidia-smi, asked once
     env = dict(device=torch.cuda.get_device_name() if cuda else "cpu", card=card, preset=card if card in DEVICES else None,
                date=utc_now(),
-               versions=versions(), torch=torch.__version__, triton=triton_version(),
-               cuda=torch.version.cuda if cuda else None, driver=driver_version() if cuda else None,
+               versions=_versions(cuda, driver), torch=torch.__version__, triton=triton_version(),
+               cuda=torch.version.cuda if cuda else None, driver=driver,
                python=platform.python_version(), machine=platform.machine())
     if cuda:
         props = torch.cuda.get_device_properties(device)

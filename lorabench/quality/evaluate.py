@@ -16,6 +16,7 @@ version's rebuilt factors B' = U_k S_i, A' = V_k^T.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +74,12 @@ def compressed_version(folder: str | Path, collection: AdapterCollection, shape:
                                  f"{collection.root / name} (sha256 differs)")
     errors = pd.read_csv(Path(folder) / ERRORS_FILE).groupby("adapter")["relative_error"].mean().to_dict()
 
+    @functools.cache  # read once, when first needed: each adapter's factors need every module
+    def modules() -> dict:
+        return {key: compressed.module(key) for key in compressed.modules}
+
     def weights(name: str) -> AdapterWeights:
-        return stacked_adapter(shape, compressed.factors(name))
+        return stacked_adapter(shape, compressed.factors(name, modules()))
     return Version(Path(folder).name, weights, errors)
 
 

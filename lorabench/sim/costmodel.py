@@ -79,11 +79,7 @@ class Efficiency:
 
 
 def _replace_fields(obj, values: dict, where: str):
-    names = {f.name for f in dataclasses.fields(obj)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise LorabenchError(
-            f"{where}: unknown field(s) {', '.join(unknown)}; expected among {', '.join(sorted(names))}")
+    physics.check_fields(obj, values, where)
     for key, value in values.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
             raise LorabenchError(f"{where}: field {key} must be a finite number >= 0, got {value!r}")
@@ -93,14 +89,18 @@ def _replace_fields(obj, values: dict, where: str):
     return dataclasses.replace(obj, **values)
 
 
-# Where measured profiles are looked for: the working directory's results/, then the checkout's.
-PROFILE_DIRS = (Path("results/profiles"), Path(__file__).resolve().parents[2] / "results" / "profiles")
+# Where measured profiles and engine files are looked for: the working directory's results/, then the checkout's.
+RESULTS_DIRS = (Path("results"), Path(__file__).resolve().parents[2] / "results")
+
+
+def find_result(kind: str, name: str) -> Path | None:
+    """results/<kind>/<name> from the first of RESULTS_DIRS that has it, if any."""
+    return next((d / kind / name for d in RESULTS_DIRS if (d / kind / name).is_file()), None)
 
 
 def find_profile(device: str, model: str) -> Path | None:
     """The measured profile <device>-<model>.json (`lorabench profile`), if one exists."""
-    name = f"{device}-{model}.json"
-    return next((d / name for d in PROFILE_DIRS if (d / name).is_file()), None)
+    return find_result("profiles", f"{device}-{model}.json")
 
 
 # The top-level sections a profile JSON may hold (fidelity/calibration.py writes efficiency_by_strategy,
@@ -171,8 +171,7 @@ def make_executor(config, model: ModelShape, device: DeviceSpec, lora: "LoraSetu
         by_strategy = profile.get("efficiency_by_strategy", {}).get(lora.strategy, {})
         efficiency = _replace_fields(efficiency, by_strategy, f"profile {config.profile}: {lora.strategy} efficiency")
         kernel_physics = profile_physics(profile)
-    parallel = Parallel(config.tp, config.weight_dtype, config.kv_cache_dtype)
-    return ModeledExecutor(model, device, lora, efficiency, parallel=parallel, physics=kernel_physics)
+    return ModeledExecutor(model, device, lora, efficiency, parallel=config.parallel, physics=kernel_physics)
 
 
 @dataclass(frozen=True)
@@ -218,7 +217,8 @@ class ModeledExecutor:
         self._attention_byte_rate = bandwidth * self.eff.attention_memory
         h, kv, inter = model.hidden, sh.kv_dim, sh.intermediate
         # Base GEMMs of one layer as (d_in, d_out), fused as serving engines run them (one GPU's slices).
-        self._gemms = ((h, sh.q_dim + 2 * kv), (sh.q_dim, h), (h, 2 * inter), (inter, h))
+        self._q_dim = q = sh.q_dim  # a computed property: read once, not per step
+        self._gemms = ((h, q + 2 * kv), (q, h), (h, 2 * inter), (inter, h))
         self._kv_dim, self._kv_bytes = kv, self.parallel.kv_bytes
         # LoRA shrink and expand widths per module on one GPU (A's d_in, B's d_out; parallel.py).
         self._modules = tuple(sh.lora_elements(m) for m in lora.target_modules)
@@ -298,7 +298,7 @@ class ModeledExecutor:
         """`_attention` from the batch's total context and query-key pairs: floats, or arrays of them
         with `maximum=np.maximum` (the same operations in the same order, so the same values)."""
         kv_bytes = context * 2 * self._kv_dim * self._kv_bytes
-        flops = 4.0 * self.shard.q_dim * pairs
+        flops = 4.0 * self._q_dim * pairs
         return maximum(flops / self._attention_flops_rate, kv_bytes / self._attention_byte_rate) + self._kernel_s
 
     # --- LoRA per strategy ------------------------------------------------------------------

@@ -53,11 +53,14 @@ import numpy as np
 from lorabench.errors import LorabenchError
 from lorabench.outputs.results import read_json
 from lorabench.presets import ALL_LINEAR, ModelShape
+from lorabench.sim.costmodel import RESULTS_DIRS, find_result
 from lorabench.sim.executor import Step
+from lorabench.sim.physics import check_fields
 from lorabench.strategies import Strategy
 
 ENGINES = ("ideal", "vllm-v1")
 GIB = 2**30
+BF16_BYTES = 2  # LoRA slots and activations are bf16 (vllm-v1 is fitted on bf16 runs only)
 
 # Architectures whose embeddings and lm_head vLLM 0.8.5 wraps with LoRA (their model class declares
 # `embedding_modules`); Qwen2's declares none.
@@ -112,22 +115,22 @@ class EngineModel:
 
     # --- memory -------------------------------------------------------------------------------
 
-    def lora_slot_bytes(self, model: ModelShape, rank: int, dtype_bytes: int = 2) -> int:
+    def lora_slot_bytes(self, model: ModelShape, rank: int) -> int:
         """GPU bytes of one LoRA slot at `rank` (vLLM's stacked A and B of every wrapped layer)."""
         linear = model.lora_params(rank, ALL_LINEAR)
         embeddings = 0
-        if getattr(model, "architecture", None) in LORA_EMBEDDING_ARCHITECTURES:
+        if model.architecture in LORA_EMBEDDING_ARCHITECTURES:
             extra, h, vocab = self.lora_extra_vocab_size, model.hidden, model.vocab
             padded_vocab = -(-vocab // 256) * 256  # lm_head's B, padded to lora_vocab_padding_size
             # embed_tokens: A (vocab + extra) x r, B h x r, extra embeddings; lm_head: A r x h, B, extra rows
             embeddings = rank * (vocab + extra) + rank * h + extra * h + rank * h + rank * padded_vocab + extra * h
-        return (linear + embeddings) * dtype_bytes
+        return (linear + embeddings) * BF16_BYTES
 
-    def activation_bytes(self, model: ModelShape, tokens: int, dtype_bytes: int = 2) -> float:
+    def activation_bytes(self, model: ModelShape, tokens: int) -> float:
         """Peak activations of a forward pass of `tokens` tokens: the MLP's gate/up output (2 x
         intermediate), its SiLU-mul output (intermediate), and the hidden state, residual and their
         normalized copies (4 x hidden), all live together at the MLP."""
-        return self.activation_scale * tokens * (3 * model.intermediate + 4 * model.hidden) * dtype_bytes
+        return self.activation_scale * tokens * (3 * model.intermediate + 4 * model.hidden) * BF16_BYTES
 
     def reserved_bytes(self, model: ModelShape, max_num_batched_tokens: int, max_num_seqs: int) -> int:
         """Memory the vllm-v1 engine keeps from the KV cache beside weights and LoRA slots (0 for ideal)."""
@@ -165,11 +168,7 @@ class EngineModel:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "engine") -> "EngineModel":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise LorabenchError(f"{source}: unknown engine term(s) {', '.join(unknown)}; expected among "
-                                 f"{', '.join(sorted(names))}")
+        check_fields(cls, data, source, "engine term(s)")
         return cls(**data)
 
 
@@ -199,16 +198,16 @@ class EngineFile:
         return {"engine": self.engine.to_dict(), "device": self.device, "efficiency": self.efficiency, "fit": self.fit}
 
 
-ENGINE_DIRS = (Path("results/engines"), Path(__file__).resolve().parents[2] / "results" / "engines")
 DEFAULT_ENGINE_FILE = "vllm-0.8.5-h100-64gb.json"
 
 
 def default_engine_file() -> Path:
     """The shipped fitted vllm-v1 engine (results/engines/), looked for like profiles are."""
-    found = next((d / DEFAULT_ENGINE_FILE for d in ENGINE_DIRS if (d / DEFAULT_ENGINE_FILE).is_file()), None)
+    found = find_result("engines", DEFAULT_ENGINE_FILE)
     if found is None:
         raise LorabenchError(f"--engine vllm-v1: no engine file given and the shipped {DEFAULT_ENGINE_FILE} is not in "
-                             f"{' or '.join(str(d) for d in ENGINE_DIRS)}; give one with --engine-profile FILE")
+                             f"{' or '.join(str(d / 'engines') for d in RESULTS_DIRS)}; give one with "
+                             "--engine-profile FILE")
     return found
 
 

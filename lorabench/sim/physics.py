@@ -65,11 +65,7 @@ class KernelPhysics:
     @classmethod
     def from_dict(cls, values: dict, where: str) -> "KernelPhysics":
         """From a profile's "kernels" object; one clear error per bad field."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise LorabenchError(f"{where}: unknown field(s) {', '.join(unknown)}; expected among "
-                                 f"{', '.join(sorted(names))}")
+        check_fields(cls, values, where)
         values = dict(values)
         if "gemm_tile" in values:
             values["gemm_tile"] = tile_pair(values["gemm_tile"], f"{where}: field gemm_tile")
@@ -77,6 +73,15 @@ class KernelPhysics:
             if key != "gemm_tile" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise LorabenchError(f"{where}: field {key} must be a positive number, got {value!r}")
         return cls(**values)
+
+
+def check_fields(fields_of, values: dict, where: str, what: str = "field(s)") -> None:
+    """One clear error naming the keys of `values` that are not fields of the dataclass `fields_of`
+    (a typo in a JSON file would otherwise be ignored or fail obscurely)."""
+    names = {f.name for f in dataclasses.fields(fields_of)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise LorabenchError(f"{where}: unknown {what} {', '.join(unknown)}; expected among {', '.join(sorted(names))}")
 
 
 def tile_pair(value, where: str) -> tuple[int, int]:

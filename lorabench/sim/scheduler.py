@@ -205,15 +205,20 @@ class Scheduler:
         """The first `limit` waiting ids in FCFS order."""
         if self.n_waiting == self.arrived - self.head:  # no gaps: head .. arrived-1 all wait
             return np.arange(self.head, min(self.arrived, self.head + limit))
-        span = max(8 * limit, 1024)
-        while True:
-            ids = self.head + self.pending[self.head : self.head + span].nonzero()[0]
-            if len(ids) >= limit or self.head + span >= self.arrived:
-                break
-            span *= 4
+        ids = self._pending_from(self.head, limit)
         if len(ids):
             self.head = int(ids[0])
         return ids[:limit]
+
+    def _pending_from(self, start: int, limit: int) -> np.ndarray:
+        """Waiting ids from `start` on in FCFS order: at least `limit` of them unless fewer wait (the
+        span searched grows until it holds them, so a long gap costs a few passes, not one per id)."""
+        span = max(8 * limit, 1024)
+        while True:
+            ids = start + self.pending[start : start + span].nonzero()[0]
+            if len(ids) >= limit or start + span >= self.arrived:
+                return ids
+            span *= 4
 
     def decode_iterations_left(self) -> int | float:
         """Decode iterations until the first running request emits its last token."""
@@ -458,8 +463,9 @@ class Scheduler:
             preempted = True
         return preempted
 
-    def _preempt_last(self) -> None:
-        """Preempt the most recently admitted row: its KV is dropped; it waits to be admitted again."""
+    def _preempt_last(self) -> Row:
+        """Preempt the most recently admitted row: its KV is dropped; it waits to be admitted again.
+        Returns that row."""
         if self.prefill:
             row = self.prefill.pop()
             self.prompt_left -= row.prompt_left
@@ -480,6 +486,7 @@ class Scheduler:
         self.n_waiting += 1
         self.preemptions += 1
         self.epoch += 1
+        return row
 
     def _drop_adapter(self, a: int) -> None:
         self.cache.unpin(a)

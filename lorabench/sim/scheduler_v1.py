@@ -78,10 +78,7 @@ class SchedulerV1(Scheduler):
     # --- arrivals -----------------------------------------------------------------------------
 
     def take_arrivals(self, now: float) -> None:
-        running, waiting = self._levels
-        self.running_area += running * (now - self._level_s)
-        self.waiting_area += waiting * (now - self._level_s)
-        self._level_s = now
+        self.finish_window(now)  # the levels held until now
         if self._next_arrival_s > now:
             return
         arrival, start = self._arrival_s, self.arrived
@@ -174,7 +171,7 @@ class SchedulerV1(Scheduler):
         end of the queue or the batch reached `cap` adapters."""
         chunk, start = 64, self.head
         while True:
-            ids = self._waiting_from(start, chunk)
+            ids = self._pending_from(start, chunk)[:chunk].tolist()
             for r in ids:
                 if not self._try_admit(r, admitted):
                     return r
@@ -205,15 +202,6 @@ class SchedulerV1(Scheduler):
             if self._budget <= 0 or self._seats == 0:  # vLLM's loop ends here, after r
                 return r
         return None
-
-    def _waiting_from(self, start: int, limit: int) -> list[int]:
-        """Up to `limit` waiting ids from `start` on, in FCFS order."""
-        span = max(8 * limit, 1024)
-        while True:
-            ids = start + self.pending[start:start + span].nonzero()[0]
-            if len(ids) >= limit or start + span >= self.arrived:
-                return ids[:limit].tolist()
-            span *= 4
 
     def _try_admit(self, r: int, admitted: list[Row]) -> bool:
         """Admit request r if it gets a seat, token budget and KV blocks (and its adapter a GPU
@@ -284,15 +272,15 @@ class SchedulerV1(Scheduler):
         return preempted
 
     def decode_headroom(self) -> int | float:
-        size, T = self.kv.block_size, self.T
-        return min((((c - T - 1) % size) + 1 for c in range(size) if self._growing[c]), default=np.inf)
+        size, T, growing = self.kv.block_size, self.T, self._growing
+        # the first iteration after T whose class has rows: class (T + d) mod size needs blocks at T + d
+        return next((d for d in range(1, size + 1) if growing[(T + d) % size]), np.inf)
 
-
-    def _preempt_last(self) -> None:
-        row = self.prefill[-1] if self.prefill else next(reversed(self.decoding.values()))
-        super()._preempt_last()
+    def _preempt_last(self) -> Row:
+        row = super()._preempt_last()
         queue = self.queues.setdefault(row.adapter, deque())
         if not queue or row.rid < queue[0]:
             queue.appendleft(row.rid)
         else:
             queue.insert(bisect.bisect_left(queue, row.rid), row.rid)
+        return row
